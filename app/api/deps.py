@@ -1,0 +1,63 @@
+"""Request dependencies: shared resources and API-key checks, as `Annotated` aliases."""
+
+import hmac
+from typing import Annotated
+
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from fastapi import Depends, Header, Request
+
+from app.errors import Forbidden, Unauthorized
+from app.keys import RedisKeys
+from app.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _redis(request: Request) -> aioredis.Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def _keys(request: Request) -> RedisKeys:
+    return request.app.state.keys  # type: ignore[no-any-return]
+
+
+def _engine(request: Request) -> sa.Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+RedisDep = Annotated[aioredis.Redis, Depends(_redis)]
+KeysDep = Annotated[RedisKeys, Depends(_keys)]
+EngineDep = Annotated[sa.Engine, Depends(_engine)]
+
+
+def _check_key(presented: str | None, allowed: list[str], *, role: str) -> None:
+    if not allowed:
+        return
+    if presented is None:
+        raise Unauthorized(f"missing X-API-Key header: {role} calls need a {role} key")
+    if not any(hmac.compare_digest(presented, key) for key in allowed):
+        raise Forbidden(f"the X-API-Key given is not a {role} key")
+
+
+def require_write(settings: SettingsDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    _check_key(x_api_key, settings.write_api_keys + settings.admin_api_keys, role="write")
+
+
+def require_read(settings: SettingsDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    allowed = settings.read_api_keys
+    if allowed:
+        allowed = allowed + settings.write_api_keys + settings.admin_api_keys
+    _check_key(x_api_key, allowed, role="read")
+
+
+def require_admin(settings: SettingsDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    _check_key(x_api_key, settings.admin_api_keys, role="admin")
+
+
+WriteAuth = Depends(require_write)
+ReadAuth = Depends(require_read)
+AdminAuth = Depends(require_admin)
