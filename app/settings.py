@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cold_start_max_events: int = Field(default=10, gt=0)
     model_poll_s: float = Field(default=2.0, gt=0)
+    # BLAS/intra-op threads of one API process; scale out with more processes instead
+    api_torch_threads: int = Field(default=1, gt=0)
+    # before any model version exists: popularity over the newest events of the slot buffers
+    popular_recent_events: int = Field(default=5_000, gt=0)
+    popular_cache_s: float = Field(default=5.0, gt=0)
 
     # worker
     worker_poll_s: float = Field(default=1.0, gt=0)
