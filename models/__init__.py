@@ -1,4 +1,27 @@
 """Pure PyTorch learning code: the recommender, the time-wise meta-learner, cold start, replay.
 
-Nothing here imports from `app`, and nothing here logs: functions return numbers.
+Nothing here imports from `app`, and nothing here logs: functions return numbers and raise the
+named errors of `models.errors` (each carries `code` and the `field` at fault).
+
+The API the worker and the API call (kept stable):
+
+    from models.batch import SlotBatch
+    from models.meta import LearnerConfig, LearnerState, TimewiseMetaLearner, UpdateReport
+    from models.coldstart import adapt_users
+
+    learner = TimewiseMetaLearner(LearnerConfig(slot_seconds=3600), device="cpu")
+    slot = SlotBatch(user_ids, item_ids, ts_s, values)  # lists of str, float64 and float32 arrays
+    state, report = learner.step(state, slot)  # state is None before the first slot
+    report.metrics                             # dict[str, float]: losses, timings, counts
+    report.publish                             # the guardrail's verdict: publish this update?
+    state.serving()                            # -> models.serving.ServingModel
+    state.save(directory)                      # safetensors + json, no pickle
+    state = LearnerState.load(directory, device)
+
+    vectors = adapt_users(serving_model, item_rows, mask, base_rows)  # [B, D] user vectors
+
+`learner.step` validates the slot before it changes anything; the state handed in is advanced in
+place and returned, so save it first when the previous one must be kept. The learner files
+(`learner.safetensors`, `learner.json`) never clash with the serving files in the same directory.
+`python -m models.replay FILE` (also `metarec replay FILE`) replays a log through the same calls.
 """
