@@ -71,3 +71,12 @@ def _fresh_postgres_database() -> Iterator[str]:
 def redis_prefix() -> str:
     """A key prefix of this test's own; keys under it are removed afterwards by the users of it."""
     return f"metarec-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(database_url: str) -> str:
+    """The session's database with the Alembic migrations applied (once per session)."""
+    from app.storage.migrate import upgrade_to_head
+
+    upgrade_to_head(database_url)
+    return database_url

@@ -43,6 +43,9 @@ interactions = sa.Table(
     # the buffer slot the event was stored in; for a late event this is later than slot_of(ts)
     sa.Column("slot_id", sa.BigInteger, nullable=False, index=True),
     sa.Column("late", sa.Boolean, nullable=False, server_default=sa.false()),
+    # a user's history in time order, and an item's events (popularity, similar items)
+    sa.Index("ix_interactions_user_id_ts", "user_id", "ts"),
+    sa.Index("ix_interactions_item_id", "item_id"),
 )
 
 # state is one of: open, closed, archived, trained
@@ -50,7 +53,7 @@ slots = sa.Table(
     "slots",
     metadata,
     sa.Column("slot_id", sa.BigInteger, primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("start_ts", sa.Float, nullable=False),
     sa.Column("end_ts", sa.Float, nullable=False),
     sa.Column("events", sa.Integer, nullable=False, server_default="0"),
