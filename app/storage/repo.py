@@ -327,16 +327,18 @@ def record_slot_closed(
         conn.execute(statement)
 
 
-def record_slot_archived(bind: Bind, slot_id: int, *, duplicates: int) -> SlotRecord:
-    """Mark a closed slot archived, its event counts taken from the archived rows themselves."""
+def record_slot_archived(bind: Bind, slot_id: int) -> SlotRecord:
+    """Mark a recorded slot archived (unless already later), counting its events from the
+    archived rows themselves; `duplicates` keeps the buffer's count from `record_slot_closed`."""
     counts = sa.select(
         sa.func.count(),
         sa.func.coalesce(sa.func.sum(sa.case((interactions.c.late, 1), else_=0)), 0),
     ).where(interactions.c.slot_id == slot_id)
     with _transaction(bind) as conn:
         events, late = conn.execute(counts).one()
-        values: dict[str, Any] = {"events": events, "late": late, "duplicates": duplicates}
-        conn.execute(sa.update(slots).where(slots.c.slot_id == slot_id).values(values))
+        conn.execute(
+            sa.update(slots).where(slots.c.slot_id == slot_id).values(events=events, late=late)
+        )
         conn.execute(
             sa.update(slots)
             .where(slots.c.slot_id == slot_id, slots.c.state.in_(("open", "closed")))
