@@ -1,3 +1,61 @@
-from fastapi import APIRouter
+"""`POST /v1/events`: validate a batch and store it in the slot buffers in one round trip."""
 
-router = APIRouter()
+import time
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from app.api.body import JsonBody
+from app.api.deps import KeysDep, RedisDep, SettingsDep, WriteAuth
+from app.errors import Unavailable
+from app.ingestion.validation import parse_events_body
+from app.ingestion.writer import write_events
+
+router = APIRouter(tags=["events"], dependencies=[WriteAuth])
+
+
+class EventIn(BaseModel):
+    """One event as a client sends it (documentation of the body; validation is by hand)."""
+
+    user_id: str | int
+    item_id: str | int
+    timestamp: float | str | None = None
+    value: float = 1.0
+    type: str | None = None
+    event_id: str | int | None = None
+
+
+class EventsIn(BaseModel):
+    events: list[EventIn]
+
+
+class EventsAccepted(BaseModel):
+    accepted: int
+    duplicates: int
+    late: int
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EventsIn.model_json_schema()}},
+    }
+}
+
+
+@router.post("/events", status_code=202, openapi_extra=_BODY_DOC)
+async def post_events(
+    body: JsonBody, request: Request, settings: SettingsDep, redis: RedisDep, keys: KeysDep
+) -> EventsAccepted:
+    """Store 1 to `max_events_per_request` events. A repeated `event_id` counts as a duplicate
+    and is stored once; an event for an already closed slot is stored late, never dropped."""
+    now_s = time.time()
+    events = parse_events_body(body, settings, now_s)
+    try:
+        result = await write_events(redis, keys, settings, events, now_s)
+    except RedisError as exc:
+        raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    request.app.state.metrics.count_ingested(result.accepted, result.duplicates, result.late)
+    return EventsAccepted(accepted=result.accepted, duplicates=result.duplicates, late=result.late)

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.errors import install_error_handlers
+from app.metrics import install_metrics
 from app.settings import Settings, get_settings
 
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="metarec", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    install_metrics(app)
     _include_routers(app)
     return app
 
