@@ -127,11 +127,26 @@ class RequestTimingMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = route_label(scope)
             self.metrics.request_duration.labels(scope["method"], label, str(status)).observe(
                 time.perf_counter() - started
             )
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's full template, such as `/v1/users/{user_id}/recommendations`.
+
+    The route in the scope may carry its template without the prefix of the router it was
+    included with; the prefix (static in this app) is then taken from the request path.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    if not template:
+        return "unmatched"
+    path: str = scope["path"]
+    prefix_segments = path.count("/") - template.count("/")
+    if prefix_segments <= 0:
+        return str(template)
+    return "/".join(path.split("/")[: prefix_segments + 1]) + template
 
 
 def install_metrics(app: FastAPI) -> Metrics:
