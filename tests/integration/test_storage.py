@@ -41,7 +41,8 @@ def tag() -> str:
 
 
 def _slot_id() -> int:
-    return int(uuid.uuid4().int % 1_000_000_000) + 1_000_000
+    # slot ids below 1e6 belong to this module; the worker and API tests use larger ones
+    return int(uuid.uuid4().int % 999_000) + 1_000
 
 
 def _events(tag: str, count: int, *, slot_id: int, start: int = 0) -> list[repo.InteractionRow]:
