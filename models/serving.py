@@ -1,7 +1,8 @@
 """What the serving side needs from a trained model: plain tensors, saved with safetensors.
 
 A user's score for every item is `item_matrix @ user_vector`. The learning code decides what the
-columns hold (embedding, bias, recency features with their learned weights); serving only multiplies.
+columns hold (embedding, bias, recency features with their learned weights); serving only
+multiplies.
 The first `embedding_dim` columns of `item_matrix` are the pure item embedding, used for similarity.
 """
 
@@ -57,7 +58,9 @@ class ServingModel:
         tensors = load_file(str(directory / TENSOR_FILE), device=device)
         header = json.loads((directory / META_FILE).read_text())
         adapt = {
-            name.removeprefix("adapt."): t for name, t in tensors.items() if name.startswith("adapt.")
+            name.removeprefix("adapt."): t
+            for name, t in tensors.items()
+            if name.startswith("adapt.")
         }
         return cls(
             item_ids=list(header["item_ids"]),

@@ -55,7 +55,7 @@ def drifting_stream(spec: StreamSpec) -> list[SlotBatch]:
 def _active_users(
     rng: np.random.Generator, spec: StreamSpec, users_taste: list[np.ndarray], seen: list[set[int]]
 ) -> list[int]:
-    n_new = int(round(spec.users_per_slot * spec.new_user_share)) if users_taste else 0
+    n_new = round(spec.users_per_slot * spec.new_user_share) if users_taste else 0
     n_new = spec.users_per_slot if not users_taste else n_new
     n_returning = min(spec.users_per_slot - n_new, len(users_taste))
     returning = rng.choice(len(users_taste), size=n_returning, replace=False).tolist()
