@@ -5,12 +5,13 @@ import time
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from redis.exceptions import RedisError
+from starlette.datastructures import State
 
 from app.api.body import read_json_body
 from app.api.deps import WriteAuth
 from app.errors import Unavailable
 from app.ingestion.validation import parse_events_body
-from app.ingestion.writer import write_events
+from app.ingestion.writer import EventWriter
 
 router = APIRouter(tags=["events"], dependencies=[WriteAuth])
 
@@ -51,14 +52,22 @@ async def post_events(request: Request) -> EventsAccepted:
     # the shared resources come straight from app.state: on this hot path each further FastAPI
     # dependency costs a measurable share of a single-event request
     state = request.app.state
-    settings, redis, keys = state.settings, state.redis, state.keys
+    settings = state.settings
     body = await read_json_body(request, settings)
     now_s = time.time()
     events = parse_events_body(body, settings, now_s)
     try:
-        result = await write_events(redis, keys, settings, events, now_s)
+        result = await _event_writer(state).write(events, now_s)
     except RedisError as exc:
         raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     state.metrics.count_ingested(result.accepted, result.duplicates, result.late)
     return EventsAccepted(accepted=result.accepted, duplicates=result.duplicates, late=result.late)
+
+
+def _event_writer(state: State) -> EventWriter:
+    """The app's writer, made on first use for the Redis client the app holds now."""
+    writer: EventWriter | None = getattr(state, "event_writer", None)
+    if writer is None or writer.redis is not state.redis:
+        writer = state.event_writer = EventWriter(state.redis, state.keys, state.settings)
+    return writer

@@ -13,6 +13,7 @@ sees all of a batch or none of it, a crash never leaves an event claimed but not
 slot is never written after the watermark closed it.
 """
 
+import asyncio
 from typing import NamedTuple
 
 import orjson
@@ -58,10 +59,11 @@ end
 local open_slot = nil
 if watermark ~= nil then open_slot = string.format('%.0f', slot_of(watermark)) end
 
--- per event: claim the id, then store it or count the duplicate
+-- per event: claim the id, then store it or count the duplicate; the outcome of each event is
+-- one character: '1' stored, '2' stored late, '0' duplicate
 local counts = {}
 local recent_keys = {}
-local accepted, duplicates, late = 0, 0, 0
+local outcomes = {}
 for i = 1, #events do
   local e = events[i]
   local event_id, user_id, item_id, ts, value, event_type, event_slot =
@@ -85,15 +87,16 @@ for i = 1, #events do
       '{"item_id":' .. cjson.encode(item_id) .. ',"ts":' .. ts .. ',"value":' .. value .. '}')
     recent_keys[recent_key] = true
     redis.call('SADD', prefix .. ':user:' .. user_id .. ':seen', item_id)
-    accepted = accepted + 1
     slot_counts[1] = slot_counts[1] + 1
     if late_flag == '1' then
-      late = late + 1
       slot_counts[2] = slot_counts[2] + 1
+      outcomes[i] = '2'
+    else
+      outcomes[i] = '1'
     end
   else
-    duplicates = duplicates + 1
     slot_counts[3] = slot_counts[3] + 1
+    outcomes[i] = '0'
   end
 end
 
@@ -113,7 +116,7 @@ end
 if max_ts == nil or batch_max_ts > max_ts then max_ts = batch_max_ts end
 watermark = raise_watermark(watermark, max_ts - lateness_s)
 redis.call('HSET', clock_key, 'max_event_ts', fmt(max_ts), 'watermark', fmt(watermark))
-return {accepted, duplicates, late, fmt(watermark)}
+return {table.concat(outcomes), fmt(watermark)}
 """
 )
 
@@ -133,6 +136,80 @@ async def write_events(
     now_s: float,
 ) -> WriteResult:
     """Store a validated, non-empty batch in one round trip; see the module docstring."""
+    outcomes, watermark = await _store(redis, keys, settings, events, now_s)
+    return _result(outcomes, watermark)
+
+
+class EventWriter:
+    """Shares script calls among the concurrent requests of one process (a group commit).
+
+    While one call is in flight, the requests that arrive queue up; when it returns, they all go
+    in the next call, up to `max_events_per_request` events, and each gets its own counts back.
+    A lone request goes out at once, so nothing waits on a timer; under load many small
+    requests cost one round trip, which is what lets single-event posts keep up. A group is one
+    atomic script call, so each request is still stored entirely or not at all.
+    """
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self._waiting: list[tuple[list[Event], float, asyncio.Future[WriteResult]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def write(self, events: list[Event], now_s: float) -> WriteResult:
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((events, now_s, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                await self._store_group(self._take_group())
+        finally:
+            self._flusher = None
+
+    def _take_group(self) -> list[tuple[list[Event], float, asyncio.Future[WriteResult]]]:
+        limit = self.settings.max_events_per_request
+        taken, taken_events = 0, 0
+        for events, _, _ in self._waiting:
+            if taken and taken_events + len(events) > limit:
+                break
+            taken, taken_events = taken + 1, taken_events + len(events)
+        group, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        return group
+
+    async def _store_group(
+        self, group: list[tuple[list[Event], float, asyncio.Future[WriteResult]]]
+    ) -> None:
+        events = [event for request_events, _, _ in group for event in request_events]
+        now_s = max(request_now_s for _, request_now_s, _ in group)
+        try:
+            outcomes, watermark = await _store(self.redis, self.keys, self.settings, events, now_s)
+        except asyncio.CancelledError:
+            for _, _, future in group:
+                future.cancel()
+            raise
+        except Exception as exc:  # each request of the group raises it to its own caller
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+
+        start = 0
+        for request_events, _, future in group:
+            end = start + len(request_events)
+            if not future.done():
+                future.set_result(_result(outcomes[start:end], watermark))
+            start = end
+
+
+async def _store(
+    redis: aioredis.Redis, keys: RedisKeys, settings: Settings, events: list[Event], now_s: float
+) -> tuple[str, float]:
+    """Run the script; returns one outcome character per event and the new watermark."""
     slot_seconds = settings.slot_seconds
     rows = [
         (e.event_id, e.user_id, e.item_id, repr(e.ts_s), repr(e.value), e.type,
@@ -149,5 +226,10 @@ async def write_events(
         settings.recent_events_per_user,
         orjson.dumps(rows),
     ]
-    accepted, duplicates, late, watermark = await _WRITE_EVENTS.run(redis, [], args)
-    return WriteResult(int(accepted), int(duplicates), int(late), float(watermark))
+    outcomes, watermark = await _WRITE_EVENTS.run(redis, [], args)
+    return str(outcomes), float(watermark)
+
+
+def _result(outcomes: str, watermark: float) -> WriteResult:
+    duplicates = outcomes.count("0")
+    return WriteResult(len(outcomes) - duplicates, duplicates, outcomes.count("2"), watermark)

@@ -20,8 +20,9 @@ from app.ingestion import (
     slot_of,
     slot_stats,
 )
+from app.ingestion import writer as writer_module
 from app.ingestion.validation import Event
-from app.ingestion.writer import write_events
+from app.ingestion.writer import EventWriter, write_events
 from app.keys import RedisKeys
 from app.settings import Settings
 from tests.integration.ingest_support import redis_under, running_app
@@ -260,6 +261,58 @@ def test_concurrent_batches_store_each_event_exactly_once(
     assert sorted(stored) == sorted(unique_ids)
 
 
+def test_the_group_writer_shares_calls_and_answers_each_request(
+    settings: Settings, store: redis.Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = RedisKeys(redis_prefix)
+    requests = [
+        [Event(f"e{(r * 5 + i) % 60}", "u", "i", 1000.0 + i, 1.0, "") for i in range(1 + r % 7)]
+        for r in range(40)
+    ]
+    calls: list[int] = []
+    real_store = writer_module._store
+
+    async def counted_store(*args: Any) -> tuple[str, float]:
+        calls.append(len(args[3]))
+        return await real_store(*args)
+
+    monkeypatch.setattr(writer_module, "_store", counted_store)
+
+    async def post_all() -> list[Any]:
+        client = aioredis.from_url(settings.redis_url or "", decode_responses=True)
+        try:
+            capped = settings.model_copy(update={"max_events_per_request": 20})
+            writer = EventWriter(client, keys, capped)
+            return await asyncio.gather(*(writer.write(events, 0.0) for events in requests))
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(post_all())
+    unique_ids = {event.event_id for events in requests for event in events}
+    total_events = sum(len(events) for events in requests)
+    assert sum(calls) == total_events
+    assert all(events <= 20 for events in calls)  # a call holds at most a full request
+    assert len(calls) < len(requests) and len(calls) >= total_events / 20
+    assert all(r.accepted + r.duplicates == len(e) for r, e in zip(results, requests, strict=True))
+    assert sum(r.accepted for r in results) == len(unique_ids)
+    assert store.xlen(keys.slot_stream(10)) == len(unique_ids)
+
+
+def test_the_group_writer_hands_a_redis_failure_to_every_request(settings: Settings) -> None:
+    async def post_all() -> list[Any]:
+        client = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+        try:
+            writer = EventWriter(client, RedisKeys("unused"), settings)
+            events = [Event("e", "u", "i", 1000.0, 1.0, "")]
+            writes = [writer.write(events, 0.0) for _ in range(5)]
+            return await asyncio.gather(*writes, return_exceptions=True)
+        finally:
+            await client.aclose()
+
+    outcomes = asyncio.run(post_all())
+    assert all(isinstance(outcome, redis.ConnectionError) for outcome in outcomes)
+
+
 def test_write_calls_need_the_write_key_when_keys_are_set(
     settings: Settings, store: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -272,11 +325,15 @@ def test_write_calls_need_the_write_key_when_keys_are_set(
         wrong = post(client, [ev("u", "i", 1000.0)], **{"X-API-Key": "guess"})
         with_write_key = post(client, [ev("u", "i", 1000.0)], **{"X-API-Key": "w-secret-1"})
         with_admin_key = post(client, [ev("u", "j", 1000.0)], **{"X-API-Key": "a-secret-2"})
+        not_ascii = client.post(
+            "/v1/events", json={"events": [ev("u", "i", 1000.0)]}, headers={"X-API-Key": b"cl\xe9"}
+        )
 
     assert (missing.status_code, missing.json()["code"]) == (401, "unauthorized")
     assert "X-API-Key" in missing.json()["detail"]
     assert (wrong.status_code, wrong.json()["code"]) == (403, "forbidden")
     assert "guess" not in wrong.text
+    assert not_ascii.status_code == 403
     assert (with_write_key.status_code, with_admin_key.status_code) == (202, 202)
     assert not any("secret" in record.getMessage() for record in caplog.records)
 
