@@ -1,4 +1,4 @@
-"""The write path: one atomic Lua script per request stores a whole batch of events.
+"""The write path: one atomic Lua script call stores a whole batch of events.
 
 For each event, in order: the idempotency key is claimed (`SET NX EX`); a repeated id only
 counts a duplicate. A new event goes into the buffer of its own slot, or, when that slot is
@@ -8,9 +8,10 @@ and `slots_index` are updated once per slot touched, and the clock last: events 
 against the watermark as it stood when the request arrived (in clock="wall" advanced first by
 the server's clock), and the batch's newest timestamp then moves it on.
 
-Running it all in one script makes the request one round trip and atomic: a concurrent request
-sees all of a batch or none of it, a crash never leaves an event claimed but not stored, and a
-slot is never written after the watermark closed it.
+Running it all in one script makes a request one round trip at most and atomic: a concurrent
+request sees all of a batch or none of it, a crash never leaves an event claimed but not stored,
+and a slot is never written after the watermark closed it. The API goes through `EventWriter`,
+which lets concurrent requests of a process share one call; `write_events` is the direct call.
 """
 
 import asyncio
