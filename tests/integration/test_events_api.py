@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.ingestion import (
     advance_wall_clock,
+    buffer_slot,
     closed_slot_ids,
     read_clock,
     slot_of,
@@ -121,6 +122,41 @@ def test_late_events_are_kept_in_the_oldest_open_slot_and_counted(
     assert (late_entry["late"], late_entry["event_slot"], late_entry["type"]) == ("1", "10", "view")
     assert not store.exists(keys.slot_stream(10))
     assert store.hgetall(keys.slot_stats(12)) == {"events": "3", "late": "1"}
+
+
+@pytest.mark.parametrize(
+    ("watermark", "ts_s"),
+    [
+        (1000.0, 999.999),  # slot 9 closed exactly at the watermark
+        (999.999, 999.0),  # slot 9 still open a hair before its end
+        (1000.0, 1000.0),
+        (1234.5, 1099.0),
+        (1234.5, 1200.0),
+        (1234.5, 5.0),
+        (-50.0, 0.0),  # before 1970 the watermark may be negative; slot -1 holds it
+        (1_700_000_000.25, 1_699_999_900.0),
+    ],
+)
+def test_the_script_routes_events_as_the_slot_arithmetic_does(
+    settings: Settings, store: redis.Redis, redis_prefix: str, watermark: float, ts_s: float
+) -> None:
+    keys = RedisKeys(redis_prefix)
+    store.hset(keys.clock, mapping={"max_event_ts": repr(watermark), "watermark": repr(watermark)})
+    expected_slot, expected_late = buffer_slot(slot_of(ts_s, SLOT_S), watermark, SLOT_S)
+
+    async def write() -> Any:
+        client = aioredis.from_url(settings.redis_url or "", decode_responses=True)
+        try:
+            event = Event("routed", "u", "i", ts_s, 1.0, "")
+            return await write_events(client, keys, settings, [event], now_s=0.0)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(write())
+    assert result.late == int(expected_late)
+    (_, fields), *_ = store.xrange(keys.slot_stream(expected_slot))
+    assert fields["late"] == str(int(expected_late))
+    assert fields["event_slot"] == str(slot_of(ts_s, SLOT_S))
 
 
 def test_a_repeated_event_id_is_stored_once_and_counted_as_duplicate(
