@@ -66,6 +66,7 @@ class ServingManager:
         self._failed_at: dict[int, float] = {}
         self._sync_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def target_version(self) -> int | None:
@@ -80,6 +81,7 @@ class ServingManager:
         self._task = asyncio.create_task(self._follow(), name="metarec-model-follower")
 
     async def stop(self) -> None:
+        self._stopping = True  # a cancel can be swallowed by a Redis read timing out with it
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -144,18 +146,20 @@ class ServingManager:
     async def _follow(self) -> None:
         """Follow the model channel for the life of the process; reconnect on any error."""
         poll_s = self.settings.model_poll_s
-        while True:
+        while not self._stopping:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.model_channel)
                 await self.sync()  # anything published before the subscription took effect
-                while True:
+                while not self._stopping:
                     # a message, or poll_s without one: either way, look at the pointer
                     await pubsub.get_message(timeout=poll_s)
                     await self.sync()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    return
                 log.warning("model channel lost, reconnecting in %.1f s: %r", poll_s, exc)
                 await asyncio.sleep(poll_s)
             finally:
