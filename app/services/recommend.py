@@ -246,6 +246,88 @@ def rank_for_vector(
     return values, candidate_rows[positions]
 
 
+def rank_batch(
+    snapshot: Snapshot, user_vectors: torch.Tensor, ks: list[int], masked_rows: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`rank_for_vector` over the whole catalogue for B users at once: one matrix product
+    streams the item matrix once for all of them. user_vectors [B, D]."""
+    scores = user_vectors @ snapshot.items_by_dim  # [B, n_items]
+    for row, masked in enumerate(masked_rows):
+        if masked.numel():
+            scores[row].index_fill_(0, masked, float("-inf"))
+    values, rows = torch.topk(scores, min(max(ks), snapshot.n_items), dim=1)  # [B, k_max]
+
+    ranked = []
+    for row, k in enumerate(ks):
+        user_values, user_rows = values[row, :k], rows[row, :k]
+        keep = user_values > float("-inf")
+        ranked.append((user_values[keep], user_rows[keep]))
+    return ranked
+
+
+@dataclass(frozen=True, eq=False)
+class _Scoring:
+    snapshot: Snapshot
+    user_vector: torch.Tensor
+    k: int
+    masked_rows: torch.Tensor
+    done: "asyncio.Future[tuple[torch.Tensor, torch.Tensor]]"
+
+
+class ScoringBatcher:
+    """Scores together the requests that reach scoring in the same turn of the event loop.
+
+    Under concurrent load several requests are ready at once; one [B, D] x [D, n] product costs
+    little more than one matvec, because streaming the item matrix dominates. A lone request
+    waits one loop turn (microseconds) and is scored alone.
+    """
+
+    def __init__(self, max_batch: int = 32) -> None:
+        self.max_batch = max_batch
+        self._pending: list[_Scoring] = []
+        self.batches = 0
+        self.scored = 0
+
+    async def rank(
+        self, snapshot: Snapshot, user_vector: torch.Tensor, k: int, masked_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[torch.Tensor, torch.Tensor]] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append(_Scoring(snapshot, user_vector, k, masked_rows, done))
+        return await done
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        by_snapshot: dict[int, list[_Scoring]] = {}
+        for scoring in pending:  # a swap may land between two requests of one turn
+            by_snapshot.setdefault(id(scoring.snapshot), []).append(scoring)
+        for group in by_snapshot.values():
+            for start in range(0, len(group), self.max_batch):
+                self._score(group[start : start + self.max_batch])
+
+    def _score(self, batch: list[_Scoring]) -> None:
+        try:
+            ranked = rank_batch(
+                batch[0].snapshot,
+                torch.stack([scoring.user_vector for scoring in batch]),
+                [scoring.k for scoring in batch],
+                [scoring.masked_rows for scoring in batch],
+            )
+        except Exception as exc:
+            for scoring in batch:
+                if not scoring.done.done():
+                    scoring.done.set_exception(exc)
+            return
+
+        self.batches += 1
+        self.scored += len(batch)
+        for scoring, result in zip(batch, ranked, strict=True):
+            if not scoring.done.done():  # the request may have been cancelled meanwhile
+                scoring.done.set_result(result)
+
+
 def rank_popular(
     snapshot: Snapshot, k: int, masked_rows: torch.Tensor, candidate_rows: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,6 +459,7 @@ class Recommender:
         self.cold_start_max_events = cold_start_max_events
         self.popularity = popularity
         self.filters = ItemFilters()
+        self.batcher = ScoringBatcher()
 
     async def recommend(
         self, client: aioredis.Redis, snapshot: Snapshot | None, query: RecommendQuery
@@ -396,9 +479,9 @@ class Recommender:
             popular = await self.popularity.get(client, self.keys)
             item_ids, scores = rank_popular_list(popular, query.k, excluded, hidden, category)
             return _answer(query, item_ids, scores, None, POPULAR)
-        return self._rank(snapshot, query, state, excluded, hidden, category)
+        return await self._rank(snapshot, query, state, excluded, hidden, category)
 
-    def _rank(
+    async def _rank(
         self,
         snapshot: Snapshot,
         query: RecommendQuery,
@@ -424,6 +507,8 @@ class Recommender:
 
         if user_vector is None:
             values, rows = rank_popular(snapshot, query.k, masked_rows, candidate_rows)
+        elif candidate_rows is None:
+            values, rows = await self.batcher.rank(snapshot, user_vector, query.k, masked_rows)
         else:
             values, rows = rank_for_vector(
                 snapshot, user_vector, query.k, masked_rows, candidate_rows

@@ -1,5 +1,7 @@
 """Strategy choice, masking, category filtering and top-k, checked against brute force."""
 
+import asyncio
+
 import orjson
 import pytest
 import torch
@@ -10,9 +12,11 @@ from app.services.recommend import (
     PERSONALIZED,
     POPULAR,
     RecentEvent,
+    ScoringBatcher,
     adapt_one,
     choose_user_vector,
     parse_recent,
+    rank_batch,
     rank_for_vector,
     rank_popular,
     rank_popular_list,
@@ -219,3 +223,38 @@ def test_rank_popular_list_applies_every_filter() -> None:
 
 def test_split_ids_accepts_repeats_and_commas() -> None:
     assert split_ids(["a,b", " c ", "", "d,,e"]) == ("a", "b", "c", "d", "e")
+
+
+# batched scoring
+
+
+def test_rank_batch_matches_one_user_at_a_time(snapshot: Snapshot) -> None:
+    gen = torch.Generator().manual_seed(11)
+    vectors = snapshot.model.user_matrix[[3, 8, 21]]
+    masked = [torch.randperm(3_000, generator=gen)[:n] for n in (0, 40, 400)]
+    ranked = rank_batch(snapshot, vectors, [5, 20, 12], masked)
+
+    for vector, k, mask, (values, rows) in zip(vectors, [5, 20, 12], masked, ranked, strict=True):
+        scores = snapshot.model.item_matrix @ vector
+        assert rows.tolist() == brute_force(scores, k, set(mask.tolist()))
+        assert torch.allclose(values, scores[rows])
+
+
+def test_batcher_scores_concurrent_requests_together(snapshot: Snapshot) -> None:
+    batcher = ScoringBatcher(max_batch=4)
+    no_mask = torch.empty(0, dtype=torch.long)
+    other = build_snapshot(toy_serving_model(n_items=50, seed=9), version=6, trained_through_slot=0)
+
+    async def ask_all() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        asks = [batcher.rank(snapshot, snapshot.model.user_matrix[n], 7, no_mask) for n in range(6)]
+        asks.append(batcher.rank(other, other.model.user_matrix[0], 7, no_mask))
+        return await asyncio.gather(*asks)
+
+    results = asyncio.run(ask_all())
+    assert (batcher.batches, batcher.scored) == (3, 7)  # 4 + 2 on one snapshot, 1 on the other
+    for n, (_, rows) in enumerate(results[:6]):
+        expected = brute_force(snapshot.model.item_matrix @ snapshot.model.user_matrix[n], 7, set())
+        assert rows.tolist() == expected
+    assert results[6][1].tolist() == brute_force(
+        other.model.item_matrix @ other.model.user_matrix[0], 7, set()
+    )
