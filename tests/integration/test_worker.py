@@ -144,7 +144,7 @@ def test_a_pass_archives_every_closed_slot_and_drops_its_buffer(
     assert sorted(row.event_id for row in rows) == sorted(event.event_id for event in events)
     assert {row.type for row in rows} == {"view", None}
     assert all(not row.late for row in rows)
-    assert set(slot_states(engine, slot_range).values()) == {"archived"}
+    assert slot_states(engine, slot_range) == slot_range.all_in("archived")
     # the duplicates arrived when the first slots had closed: they count in the open one
     counters = [repo.get_slot(engine, slot_id) for slot_id in slot_range.ids]
     assert [(s.events, s.late, s.duplicates) for s in counters if s] == [
@@ -250,7 +250,7 @@ def test_a_buffer_left_behind_an_archived_slot_is_dropped_on_the_next_pass(
 
     assert count_in_slots(engine, slot_range) == 30
     assert not any(store.exists(keys.slot_stream(slot_id)) for slot_id in slot_range.ids)
-    assert set(slot_states(engine, slot_range).values()) == {"archived"}
+    assert slot_states(engine, slot_range) == slot_range.all_in("archived")
 
 
 def test_a_buffer_that_grew_after_the_last_read_is_not_dropped(
@@ -326,7 +326,7 @@ def test_two_running_workers_share_the_slots_without_overlap(
         for _ in range(200):
             await asyncio.sleep(0.05)
             leaders.append(sum(worker.lease.held for worker in workers))
-            if set(slot_states(engine, slot_range).values()) == {"archived"}:
+            if slot_states(engine, slot_range) == slot_range.all_in("archived"):
                 break
         stop.set()
         await asyncio.gather(*tasks)
@@ -336,7 +336,7 @@ def test_two_running_workers_share_the_slots_without_overlap(
     asyncio.run(run_two())
 
     assert max(leaders) == 1
-    assert set(slot_states(engine, slot_range).values()) == {"archived"}
+    assert slot_states(engine, slot_range) == slot_range.all_in("archived")
     assert count_in_slots(engine, slot_range) == 120
 
 
@@ -401,4 +401,46 @@ def test_without_a_trainer_slots_stay_archived(
     worker = asyncio.run(_one_pass(settings, engine))
 
     assert isinstance(worker.trainer, NoTrainer)
-    assert set(slot_states(engine, slot_range).values()) == {"archived"}
+    assert slot_states(engine, slot_range) == slot_range.all_in("archived")
+
+
+class _FailingTrainer:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def train(self, slot_id: int) -> TrainOutcome | None:
+        self.calls += 1
+        raise RuntimeError("the model update failed")
+
+
+def test_a_failing_trainer_leaves_slots_archived_and_the_worker_running(
+    own_database: tuple[Settings, sa.Engine],
+    store: redis.Redis,
+    slot_range: SlotRange,
+    user_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings, engine = own_database
+    asyncio.run(_write(settings, _events(slot_range, user_prefix, per_slot=2)))
+    asyncio.run(_close_all(settings, slot_range, user_prefix))
+    trainer = _FailingTrainer()
+    caplog.set_level(logging.INFO, logger="metarec.worker")
+
+    async def run_briefly() -> None:
+        client = aioredis.from_url(settings.redis_url or "", decode_responses=True)
+        worker = Worker(settings, client, engine, trainer=trainer)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+        await client.aclose()
+
+    asyncio.run(run_briefly())
+
+    assert slot_states(engine, slot_range) == slot_range.all_in("archived")
+    # it was retried with a growing pause, each failure logged with its traceback
+    assert trainer.calls >= 2
+    assert "worker pass failed (2 in a row)" in caplog.text
+    assert "RuntimeError: the model update failed" in caplog.text
+    assert "worker lease released" in caplog.text

@@ -34,6 +34,10 @@ class SlotRange:
         """A timestamp `within_s` seconds into the slot `slot_offset` after the first."""
         return float((self.first + slot_offset) * self.slot_seconds) + within_s
 
+    def all_in(self, state: str) -> dict[int, str]:
+        """What `slot_states` reads when every slot of the range is in `state`."""
+        return dict.fromkeys(self.ids, state)
+
     @property
     def after_end_ts(self) -> float:
         return float((self.first + self.count) * self.slot_seconds)

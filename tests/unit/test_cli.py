@@ -1,7 +1,9 @@
 """The `metarec` command line: parsing and the replay hand-off (nothing is started)."""
 
+import sqlite3
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,21 @@ def test_an_unknown_command_is_refused(capsys: pytest.CaptureFixture[str]) -> No
 
     assert exit_info.value.code == 2
     assert "invalid choice: 'launch'" in capsys.readouterr().err
+
+
+def test_migrate_brings_a_new_database_to_the_newest_revision(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.settings import get_settings
+
+    database = tmp_path / "fresh.db"
+    monkeypatch.setenv("METAREC_DATABASE_URL", f"sqlite:///{database}")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["migrate"]) == 0
+    finally:
+        get_settings.cache_clear()
+
+    assert capsys.readouterr().out.strip() == "database at revision 0001"
+    tables = sqlite3.connect(database).execute("SELECT name FROM sqlite_master WHERE type='table'")
+    assert {name for (name,) in tables} >= {"users", "items", "interactions", "slots"}
