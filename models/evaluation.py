@@ -25,7 +25,7 @@ class Targets:
 def rank_metrics(
     scores: torch.Tensor, targets: Targets, k: int = 20
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Recall@k and NDCG@k per user; recall divides by min(|targets|, k)."""
+    """Recall@k (hits / |targets|) and NDCG@k (ideal: min(|targets|, k) hits on top) per user."""
     scores = scores.clone().float()
     for row, seen in enumerate(targets.seen):
         if seen.size:
@@ -38,7 +38,7 @@ def rank_metrics(
     for row, (columns, size) in enumerate(zip(targets.columns, targets.sizes, strict=True)):
         hits = np.isin(top[row], columns)
         ideal = discounts[: min(int(size), k)].sum()
-        recall[row] = hits.sum() / min(int(size), k)
+        recall[row] = hits.sum() / int(size)
         ndcg[row] = (discounts[: hits.shape[0]] * hits).sum() / ideal
     return recall, ndcg
 

@@ -11,9 +11,10 @@ One `step` on slot t (support) does, in order:
 3. transfer: new rows = keep * old + (gate + gate_count * log1p(n)) * (candidate - old), with n the
    row's events in the slot; it starts as the identity on the candidate.
 4. guardrail: on the time tail of the slot (held out of the candidate's first epochs), the
-   transferred rows, plain fine-tuning (the candidate) and the previous model are compared by
-   softmax loss; the better of the first two is kept, and it is published only if it is no worse
-   than the previous model.
+   transferred rows, plain fine-tuning (the candidate) and the previous rows are compared by
+   softmax loss (seen items masked, all three with the recency that was being served); the best
+   is kept ("previous" keeps the old rows of known ids, new ids still get theirs). An update
+   whose rows are not finite is never published: its rows fall back to the previous ones.
 5. commit: tables grow for new ids, the chosen rows are written back, recency counts advance, and
    (old, candidate) rows are kept as `pending` for step 1 of the next slot.
 
@@ -38,12 +39,14 @@ from models.recommender import (
     Candidates,
     Catalogue,
     FitConfig,
+    SeenCsr,
     fit_rows,
     sample_candidates,
+    seen_mask,
     softmax_nll,
 )
 from models.serving import ServingModel
-from models.tables import IdIndex, RowTable
+from models.tables import IdIndex, Reservoir, RowTable, SeenItems
 
 STATE_TENSORS = "learner.safetensors"
 STATE_META = "learner.json"
@@ -80,6 +83,12 @@ class LearnerConfig:
     adapt_steps: int = 3
     inner_lr: float = 0.5
     warm_prior_events: float = 20.0
+    # what users touched before is masked in every softmax, as serving masks it
+    mask_seen: bool = True
+    seen_per_user: int = 1000
+    # past events replayed beside each slot (per slot event), from a uniform reservoir
+    replay_ratio: float = 1.0
+    replay_capacity: int = 50_000
     # guardrail
     holdout_share: float = 0.15
     min_holdout_events: int = 20
@@ -113,17 +122,19 @@ class LearnerConfig:
 class UpdateReport:
     metrics: dict[str, float]
     publish: bool
-    choice: str  # "meta", "finetune" or "first" (no previous model to compare with)
+    choice: str  # "meta", "finetune", "previous" (update rejected for known ids) or "first"
 
 
 def initial_meta(config: LearnerConfig, device: str | torch.device) -> dict[str, torch.Tensor]:
     """Meta-parameters at the start: the transfer is the identity on the candidate."""
     d, r = config.embedding_dim, max(config.n_recency, 1)
-    ones, zeros = torch.ones(d, device=device), torch.zeros(d, device=device)
+    zeros = torch.zeros(d, device=device)
     one, zero = torch.ones(1, device=device), torch.zeros(1, device=device)
+    # one scalar per table: embedding dimensions are interchangeable, so per-dimension transfer
+    # parameters would only fit noise
     return {
-        "keep_user": ones.clone(), "gate_user": ones.clone(), "gate_count_user": zeros.clone(),
-        "keep_item": ones.clone(), "gate_item": ones.clone(), "gate_count_item": zeros.clone(),
+        "keep_user": one.clone(), "gate_user": one.clone(), "gate_count_user": zero.clone(),
+        "keep_item": one.clone(), "gate_item": one.clone(), "gate_count_item": zero.clone(),
         "keep_bias": one.clone(), "gate_bias": one.clone(), "gate_count_bias": zero.clone(),
         "w_new": torch.full((r,), 1.0 / r, device=device),
         "w_returning": torch.full((r,), 1.0 / r, device=device),
@@ -151,6 +162,8 @@ class LearnerState:
     item_emb: RowTable  # [N, d]
     item_bias: RowTable  # [N]
     recency: RecencyCounts  # [N, 2 + H]
+    seen: SeenItems  # per user row, the items touched before
+    reservoir: Reservoir  # a uniform sample of past events
     meta: dict[str, torch.Tensor]
     meta_opt: dict[str, torch.Tensor]  # Adam moments of the meta-parameters and "step"
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -170,6 +183,12 @@ class LearnerState:
             item_emb=RowTable(torch.zeros(0, d, device=device)),
             item_bias=RowTable(torch.zeros(0, device=device)),
             recency=RecencyCounts(half_lives_s, device=device),
+            seen=SeenItems(config.seen_per_user),
+            reservoir=Reservoir(
+                config.replay_capacity,
+                torch.zeros(0, dtype=torch.long, device=device),
+                torch.zeros(0, dtype=torch.long, device=device),
+            ),
             meta=meta,
             meta_opt=_adam_init(meta),
         )
@@ -237,6 +256,11 @@ class LearnerState:
             ("pending.", self.pending),
         ):
             tensors.update({prefix + name: value for name, value in group.items()})
+        seen_indptr, seen_items = self.seen.to_arrays()
+        tensors["seen_indptr"] = torch.from_numpy(seen_indptr)
+        tensors["seen_items"] = torch.from_numpy(seen_items)
+        tensors["reservoir_users"] = self.reservoir.users
+        tensors["reservoir_items"] = self.reservoir.items
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         header = {
             "format": STATE_FORMAT,
@@ -245,6 +269,7 @@ class LearnerState:
             "item_ids": self.items.ids,
             "clock_ts_s": self.recency.clock_ts_s,
             "slots_seen": self.slots_seen,
+            "reservoir_offered": self.reservoir.offered,
         }
         save_file(tensors, str(directory / STATE_TENSORS))
         (directory / STATE_META).write_text(json.dumps(header))
@@ -277,6 +302,17 @@ class LearnerState:
                 counts=tensors["recency"],
                 clock_ts_s=header["clock_ts_s"],
             ),
+            seen=SeenItems.from_arrays(
+                config.seen_per_user,
+                tensors["seen_indptr"].cpu().numpy(),
+                tensors["seen_items"].cpu().numpy(),
+            ),
+            reservoir=Reservoir(
+                config.replay_capacity,
+                tensors["reservoir_users"],
+                tensors["reservoir_items"],
+                int(header["reservoir_offered"]),
+            ),
             meta=group("meta."),
             meta_opt=group("opt."),
             pending=group("pending."),
@@ -294,6 +330,7 @@ class LearnerState:
             "item_emb": (len(self.item_emb), n_items),
             "item_bias": (len(self.item_bias), n_items),
             "recency": (int(self.recency.counts.shape[0]), n_items),
+            "seen": (len(self.seen), n_users),
         }
         for name, (got, want) in sizes.items():
             if got != want:
@@ -384,6 +421,18 @@ def _with_rows(
     position = torch.searchsorted(replaced_rows, wanted).clamp(max=replaced_rows.shape[0] - 1)
     hit = (replaced_rows[position] == wanted).view(-1, *([1] * (table.dim() - 1)))
     return torch.where(hit, values[position], table[wanted])
+
+
+@dataclass(frozen=True)
+class QueryEvents:
+    """A slot's events on known items, scored by the model the previous update produced."""
+
+    users: torch.Tensor  # [B] user rows
+    items: torch.Tensor  # [B] item rows
+    is_new: torch.Tensor  # [B] the user was not known before the slot
+    seen: SeenCsr | None  # over the distinct users
+    seen_index: torch.Tensor  # [B] index of each event's user in `seen`
+    weights: torch.Tensor  # [B] 1 / (the user's events), so every user counts alike
 
 
 @dataclass(frozen=True)
@@ -494,6 +543,7 @@ class TimewiseMetaLearner:
         state.item_emb.append(item_noise)
         state.item_bias.append(torch.zeros(n_items, device=self.device))
         state.recency.grow(len(state.items))
+        state.seen.grow(len(state.users))
 
     def _shrink(self, state: LearnerState, n_users: int, n_items: int) -> None:
         state.users.truncate(n_users)
@@ -503,6 +553,7 @@ class TimewiseMetaLearner:
         state.item_emb.truncate(n_items)
         state.item_bias.truncate(n_items)
         state.recency.table.truncate(n_items)
+        state.seen.truncate(n_users)
 
     def _update(
         self, state: LearnerState, rows: SlotRows, generator: torch.Generator, n_raw: int
@@ -523,10 +574,17 @@ class TimewiseMetaLearner:
             metrics.update(self._meta_update(state, rows, meta, opt, generator))
         metrics["meta_ms"] = (time.perf_counter() - started_s) * 1000.0
 
-        # 2. the candidate: the touched rows fitted on the slot, from the serving model
+        # 2. the candidate: the touched rows fitted on the slot (and a replay of past events),
+        # starting from the serving model
         started_s = time.perf_counter()
-        touched_users, event_user = torch.unique(rows.user_rows, return_inverse=True)
-        touched_items, event_item = torch.unique(rows.item_rows, return_inverse=True)
+        n_replay = round(config.replay_ratio * rows.n_events)
+        replay_users, replay_items = state.reservoir.sample(n_replay, generator)
+        all_users = torch.cat([rows.user_rows, replay_users])
+        all_items = torch.cat([rows.item_rows, replay_items])
+        touched_users, all_event_user = torch.unique(all_users, return_inverse=True)
+        touched_items, all_event_item = torch.unique(all_items, return_inverse=True)
+        event_user, event_item = all_event_user[: rows.n_events], all_event_item[: rows.n_events]
+        replayed = (all_event_user[rows.n_events :], all_event_item[rows.n_events :])
         old = (
             state.user_emb.values[touched_users].clone(),
             state.item_emb.values[touched_items].clone(),
@@ -535,6 +593,7 @@ class TimewiseMetaLearner:
         offset = self._offsets(state.recency_features(), meta)[1]
         catalogue = Catalogue(state.item_emb.values, state.item_bias.values, offset)
         split = self._holdout_start(state, rows)
+        seen = self._seen_csr(state, touched_users)
         choice, publish = ("meta" if config.use_meta else "finetune"), True
         if state.slots_seen == 0:
             choice = "first"
@@ -543,22 +602,26 @@ class TimewiseMetaLearner:
             # 3. guardrail: fit without the time tail, compare on it, then learn the tail too
             first_epochs = max(1, config.epochs - 1)
             candidate = fit_rows(
-                catalogue, old[0], touched_items, event_user[:split], event_item[:split],
-                config.fit, generator, epochs=first_epochs,
+                catalogue, old[0], touched_items,
+                torch.cat([event_user[:split], replayed[0]]),
+                torch.cat([event_item[:split], replayed[1]]),
+                config.fit, generator, epochs=first_epochs, seen=seen,
             )  # fmt: skip
-            guard, choice, publish = self._guardrail(
+            guard, choice = self._guardrail(
                 state, rows, split, meta, (touched_users, touched_items),
                 (event_user, event_item), old, candidate, generator,
             )  # fmt: skip
             metrics.update(guard)
             candidate = fit_rows(
-                catalogue, candidate[0], touched_items, event_user, event_item,
+                catalogue, candidate[0], touched_items, all_event_user, all_event_item,
                 config.fit, generator, epochs=1, item_start=(candidate[1], candidate[2]),
+                seen=seen,
             )  # fmt: skip
         else:
             candidate = fit_rows(
-                catalogue, old[0], touched_items, event_user, event_item, config.fit, generator
-            )
+                catalogue, old[0], touched_items, all_event_user, all_event_item, config.fit,
+                generator, seen=seen,
+            )  # fmt: skip
         metrics["fit_ms"] = (time.perf_counter() - started_s) * 1000.0
 
         # 4. the transfer combines old and candidate rows; commit the chosen ones
@@ -566,13 +629,39 @@ class TimewiseMetaLearner:
             torch.bincount(event_user, minlength=touched_users.shape[0]).to(old[0].dtype),
             torch.bincount(event_item, minlength=touched_items.shape[0]).to(old[0].dtype),
         )
-        chosen = self._combine(old, candidate, counts, meta, use_transfer=choice == "meta")
-        if not publish:
+        chosen = self._combine(old, candidate, counts, meta, use_transfer=choice != "finetune")
+        if choice == "previous":
             chosen = self._keep_existing(old, chosen, touched_users, touched_items, rows)
+        if not all(bool(torch.isfinite(part).all()) for part in chosen):
+            chosen, publish = old, False
         self._commit(state, rows, (touched_users, touched_items), old, candidate, chosen, counts)
+        state.reservoir.offer(rows.user_rows, rows.item_rows, generator)
         state.meta, state.meta_opt = meta, opt
         metrics["published"] = float(publish)
         return UpdateReport(metrics=metrics, publish=publish, choice=choice)
+
+    def _seen_csr(
+        self,
+        state: LearnerState,
+        user_rows: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SeenCsr | None:
+        """What each of `user_rows` touched before the slot (plus `extra` (user index, item row)
+        pairs), as CSR; None when masking is off."""
+        if not self.config.mask_seen:
+            return None
+        indptr, items = state.seen.csr(user_rows.cpu().numpy())
+        if extra is not None and extra[0].numel():
+            lists = np.split(items, indptr[1:-1])
+            users_np, items_np = extra[0].cpu().numpy(), extra[1].cpu().numpy()
+            order = np.argsort(users_np, kind="stable")
+            present, starts = np.unique(users_np[order], return_index=True)
+            for user, chunk in zip(present, np.split(items_np[order], starts[1:]), strict=True):
+                lists[user] = np.concatenate([lists[user], chunk])
+            lengths = np.fromiter((a.shape[0] for a in lists), dtype=np.int64, count=len(lists))
+            indptr = np.concatenate([[0], np.cumsum(lengths)])
+            items = np.concatenate(lists) if lists else items
+        return SeenCsr.from_numpy(indptr, items, state.device)
 
     def _holdout_start(self, state: LearnerState, rows: SlotRows) -> int:
         """Index of the first held-out event (the time tail), or n_events when there is none."""
@@ -649,6 +738,7 @@ class TimewiseMetaLearner:
         ones = torch.ones(rows.n_events, device=state.device)
         state.user_counts.values.index_add_(0, rows.user_rows, ones)
         state.recency.advance(rows.item_rows, rows.ts_s)
+        state.seen.extend(rows.user_rows.cpu().numpy(), rows.item_rows.cpu().numpy())
 
         # what the next slot's meta-update needs: the rows before and the candidate's rows
         state.pending = {
@@ -670,7 +760,7 @@ class TimewiseMetaLearner:
         """First-order meta-steps of the transfer, recency weights and cold-start parameters on
         this slot, scored by the model the previous update produced."""
         config = self.config
-        query = self._query_events(rows, generator)
+        query = self._query_events(state, rows, generator)
         if query is None:
             return {}
         episodes = cold_episodes(
@@ -679,7 +769,7 @@ class TimewiseMetaLearner:
         n_items = rows.n_items_before
         features = state.recency_features()[:n_items]
         candidates = sample_candidates(
-            query[1], n_items, config.full_softmax_items, config.negatives, generator
+            query.items, n_items, config.full_softmax_items, config.negatives, generator
         )
 
         params = {name: value.clone().requires_grad_(True) for name, value in meta.items()}
@@ -698,7 +788,7 @@ class TimewiseMetaLearner:
 
         meta.update({name: value.detach() for name, value in params.items()})
         return {
-            "query_events": float(query[0].shape[0]),
+            "query_events": float(query.items.shape[0]),
             "query_nll_first": losses[0][0],
             "query_nll_last": losses[-1][0],
             "cold_users": float(0 if episodes is None else episodes.support.shape[0]),
@@ -707,9 +797,9 @@ class TimewiseMetaLearner:
         }
 
     def _query_events(
-        self, rows: SlotRows, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(user rows, item rows, is-new-user) of the slot's events on items already known."""
+        self, state: LearnerState, rows: SlotRows, generator: torch.Generator
+    ) -> QueryEvents | None:
+        """The slot's events on items already known (a random subset when there are many)."""
         known = rows.item_rows < rows.n_items_before
         users, items = rows.user_rows[known], rows.item_rows[known]
         if items.numel() == 0:
@@ -718,19 +808,29 @@ class TimewiseMetaLearner:
             pick = torch.randperm(items.numel(), generator=generator)[: self.config.meta_events]
             pick = pick.to(items.device)
             users, items = users[pick], items[pick]
-        return users, items, users >= rows.n_users_before
+        distinct, seen_index = torch.unique(users, return_inverse=True)
+        per_user = torch.bincount(seen_index).to(torch.float32)
+        weights = 1.0 / per_user[seen_index]
+        return QueryEvents(
+            users=users,
+            items=items,
+            is_new=users >= rows.n_users_before,
+            seen=self._seen_csr(state, distinct),
+            seen_index=seen_index,
+            weights=weights / weights.sum(),
+        )
 
     def query_loss(
         self,
         state: LearnerState,
         params: dict[str, torch.Tensor],
-        query: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        query: QueryEvents,
         candidates: Candidates,
         features: torch.Tensor,
     ) -> torch.Tensor:
         """Mean softmax loss of the query events under the model the transfer produced from the
         pending (old, candidate) rows; a function of the meta-parameters only."""
-        users, _, is_new = query
+        users, is_new = query.users, query.is_new
         pending = state.pending
         table_users, table_items = state.user_emb.values, state.item_emb.values
         table_bias = state.item_bias.values
@@ -768,8 +868,13 @@ class TimewiseMetaLearner:
         bias = _with_rows(table_bias, rows_c, item_rows, bias_t)  # [C]
         offset_new, offset_returning = self._offsets(features[rows_c], params)
         offset = torch.where(is_new.unsqueeze(1), offset_new, offset_returning)  # [B, C]
+        if query.seen is not None:
+            mask = seen_mask(
+                query.seen, query.seen_index, query.items, candidates.rows, features.shape[0]
+            )
+            offset = offset.masked_fill(mask, -math.inf)
         nll = softmax_nll(user_vecs, emb, bias, offset, candidates.target, candidates.correction)
-        return nll.mean()
+        return (nll * query.weights).sum()
 
     def cold_loss(
         self,
@@ -837,24 +942,19 @@ class TimewiseMetaLearner:
         old: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         generator: torch.Generator,
-    ) -> tuple[dict[str, float], str, bool]:
+    ) -> tuple[dict[str, float], str]:
         """Softmax loss on the slot's time tail of: the transferred rows, plain fine-tuning
-        and the previous model (with the recency it served). Returns (metrics, choice, publish)."""
+        and the previous rows, all with the recency that was served. Returns (metrics, choice)."""
         config = self.config
         n_users, n_items = rows.n_users_before, rows.n_items_before
         keep = rows.item_rows[split:] < n_items
         if int(keep.sum()) < config.min_holdout_events:
-            return {"holdout_events": float(keep.sum())}, "meta", True
+            return {"holdout_events": float(keep.sum())}, "meta"
         hold_event_user = events[0][split:][keep]
         hold_users, hold_items = rows.user_rows[split:][keep], rows.item_rows[split:][keep]
 
-        # recency as served before the slot, and with the slot's first part folded in
+        # the recency that was being served: the comparison is about the learned rows
         features_before = state.recency_features()[:n_items]
-        features_fit = features_before
-        if config.use_recency:
-            recency = state.recency.copy()
-            recency.advance(rows.item_rows[:split], rows.ts_s[:split])
-            features_fit = recency.features()[:n_items]
 
         # who each model knows: the previous one its old users, the others also the fit's users
         fit_counts = [
@@ -868,6 +968,12 @@ class TimewiseMetaLearner:
         )
         fit_counts_f = (fit_counts[0].to(old[0].dtype), fit_counts[1].to(old[0].dtype))
         transferred = self._combine(old, candidate, fit_counts_f, meta, use_transfer=True)
+
+        # items each user touched before the tail (earlier slots and the slot's first part)
+        seen = self._seen_csr(state, touched[0], (events[0][:split], rows.item_rows[:split]))
+        mask = None
+        if seen is not None:
+            mask = seen_mask(seen, hold_event_user, hold_items, candidates.rows, n_items)
 
         def nll(
             rows_x: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -884,6 +990,8 @@ class TimewiseMetaLearner:
             bias = _with_rows(state.item_bias.values, rows_c, touched[1], rows_x[2])
             offset_new, offset_returning = self._offsets(features[rows_c], meta)
             offset = torch.where(unknown.unsqueeze(1), offset_new, offset_returning)
+            if mask is not None:
+                offset = offset.masked_fill(mask, -math.inf)
             losses = softmax_nll(
                 user_vecs, emb, bias, offset, candidates.target, candidates.correction
             )
@@ -891,14 +999,15 @@ class TimewiseMetaLearner:
 
         with torch.no_grad():
             nll_previous = nll(old, features_before, unknown_before)
-            nll_finetune = nll(candidate, features_fit, unknown_after)
-            nll_meta = nll(transferred, features_fit, unknown_after)
+            nll_finetune = nll(candidate, features_before, unknown_after)
+            nll_meta = nll(transferred, features_before, unknown_after)
         choice = "meta" if nll_meta <= nll_finetune else "finetune"
-        publish = min(nll_meta, nll_finetune) <= nll_previous + config.guardrail_tolerance
+        if nll_previous + config.guardrail_tolerance < min(nll_meta, nll_finetune):
+            choice = "previous"
         metrics = {
             "holdout_events": float(hold_items.shape[0]),
             "holdout_nll_meta": nll_meta,
             "holdout_nll_finetune": nll_finetune,
             "holdout_nll_previous": nll_previous,
         }
-        return metrics, choice, publish
+        return metrics, choice

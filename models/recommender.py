@@ -85,11 +85,13 @@ def fit_rows(
     generator: torch.Generator,
     epochs: int | None = None,
     item_start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seen: "SeenCsr | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit the touched rows on the events; returns (users [Tu, d], items [Ti, d], bias [Ti]).
 
     The rows are pulled toward where they started, so a slot adjusts a model and does not
-    replace it. `item_start` overrides the starting item rows (default: the catalogue's).
+    replace it. `item_start` overrides the starting item rows (default: the catalogue's);
+    `seen` (CSR over the touched users) lists items masked out of each user's softmax.
     """
     if item_start is None:
         item_start = (catalogue.item_emb[item_rows], catalogue.item_bias[item_rows])
@@ -106,7 +108,7 @@ def fit_rows(
             batch = order[start : start + config.batch_size]
             loss = _batch_loss(
                 catalogue, users, items, bias, item_rows, anchors,
-                event_user[batch], event_item[batch], config, generator,
+                event_user[batch], event_item[batch], config, generator, seen,
             )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,6 +127,7 @@ def _batch_loss(
     batch_item: torch.Tensor,  # [B]
     config: FitConfig,
     generator: torch.Generator,
+    seen: "SeenCsr | None",
 ) -> torch.Tensor:
     user_vecs = users[batch_user]  # [B, d]
     touched_items = torch.unique(batch_item)
@@ -135,6 +138,7 @@ def _batch_loss(
         item_bias = catalogue.item_bias.index_copy(0, item_rows, bias)  # [N]
         logits = user_vecs @ emb.T + item_bias + catalogue.item_offset  # [B, N]
         target = item_rows[batch_item]
+        candidate_rows = None
     else:
         candidates = sample_candidates(
             item_rows[batch_item], catalogue.n_items, config.full_softmax_items,
@@ -150,6 +154,12 @@ def _batch_loss(
         offset = catalogue.item_offset[candidates.rows]  # [C]
         logits = user_vecs @ emb.T + item_bias + offset + candidates.correction  # [B, C]
         target = candidates.target
+        candidate_rows = candidates.rows
+
+    # what the user touched before the slot is masked, as it is when serving
+    if seen is not None:
+        mask = seen_mask(seen, batch_user, item_rows[batch_item], candidate_rows, catalogue.n_items)
+        logits = logits.masked_fill(mask, -math.inf)
 
     # softmax loss plus the pull of the batch's rows toward their starting point
     loss = F.cross_entropy(logits, target)
@@ -169,3 +179,62 @@ def softmax_nll(
     """Negative log-likelihood [B] of each event's item under the softmax over the candidates."""
     logits = user_vecs @ item_emb.T + item_bias + offset + correction
     return F.cross_entropy(logits, target, reduction="none")
+
+
+@dataclass(frozen=True)
+class SeenCsr:
+    """Items to mask per user, as CSR over a small set of users (torch, on the model's device)."""
+
+    indptr: torch.Tensor  # [T + 1]
+    items: torch.Tensor  # [S] catalogue rows
+
+    @classmethod
+    def from_numpy(cls, indptr: "object", items: "object", device: torch.device) -> "SeenCsr":
+        return cls(
+            torch.as_tensor(indptr, dtype=torch.long, device=device),
+            torch.as_tensor(items, dtype=torch.long, device=device),
+        )
+
+
+def seen_mask(
+    seen: SeenCsr,
+    event_users: torch.Tensor,  # [B] index into the CSR's users
+    target_rows: torch.Tensor,  # [B] catalogue row of each event's positive (never masked)
+    candidate_rows: torch.Tensor | None,  # [C] catalogue rows, None = the whole catalogue
+    n_items: int,
+) -> torch.Tensor:
+    """[B, C] True where the candidate is an item the event's user touched before."""
+    starts = seen.indptr[event_users]
+    lengths = seen.indptr[event_users + 1] - starts  # [B]
+    batch = event_users.shape[0]
+    n_columns = n_items if candidate_rows is None else int(candidate_rows.shape[0])
+    mask = torch.zeros(batch, n_columns, dtype=torch.bool, device=event_users.device)
+    total = int(lengths.sum())
+    if total == 0:
+        return mask
+
+    # every (event, seen item) pair, without a Python loop
+    event_of_pair = torch.repeat_interleave(torch.arange(batch, device=mask.device), lengths)
+    first_of_pair = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    offset = torch.arange(total, device=mask.device) - first_of_pair
+    items = seen.items[starts[event_of_pair] + offset]
+
+    if candidate_rows is None:
+        columns, valid = items, items < n_items
+    else:
+        sorted_rows, order = torch.sort(candidate_rows)
+        position = torch.searchsorted(sorted_rows, items).clamp(max=sorted_rows.shape[0] - 1)
+        valid = sorted_rows[position] == items
+        columns = order[position]
+    mask[event_of_pair[valid], columns[valid]] = True
+
+    # the event's own positive stays in, even when it is a repeat
+    if candidate_rows is None:
+        target_columns = target_rows
+    else:
+        sorted_rows, order = torch.sort(candidate_rows)
+        target_columns = order[
+            torch.searchsorted(sorted_rows, target_rows).clamp(max=n_columns - 1)
+        ]
+    mask[torch.arange(batch, device=mask.device), target_columns] = False
+    return mask
