@@ -182,3 +182,10 @@ async def stop_serving(app: FastAPI) -> None:
     manager: ServingManager | None = getattr(app.state, "serving", None)
     if manager is not None:
         await manager.stop()
+        batcher = manager.recommender.batcher
+        log.info(
+            "serving stopped: %d swaps, %d requests scored in %d batches",
+            manager.swaps,
+            batcher.scored,
+            batcher.batches,
+        )
