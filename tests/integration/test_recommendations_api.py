@@ -19,6 +19,7 @@ import torch
 from fastapi import FastAPI
 
 from app.api.main import create_app
+from app.errors import Conflict
 from app.keys import RedisKeys
 from app.services.model_store import publish_version, version_dir
 from app.settings import Settings
@@ -333,3 +334,27 @@ async def test_publishing_the_same_version_again_is_harmless(served: Served) -> 
     assert served.publish(1, model) == version
     assert served.sync_redis.get(served.keys.model_current) == str(version)
     assert repo.get_model_version(served.engine, version) is not None
+
+
+async def test_the_pointer_never_moves_back_and_versions_do_not_change_meaning(
+    served: Served,
+) -> None:
+    newer = served.publish(5, toy(seed=8))
+    older = served.publish(3, toy(seed=9))
+    assert served.sync_redis.get(served.keys.model_current) == str(newer)
+    assert (await served.wait_served(newer))["served"] == newer
+    assert older < newer
+
+    with pytest.raises(Conflict, match=f"version: {newer} cannot be registered"):
+        publish_version(
+            engine=served.engine,
+            client=served.sync_redis,
+            keys=served.keys,
+            store_path=served.settings.model_store_path,
+            version=newer,
+            model=toy(seed=8),
+            trained_through_slot=newer + 1,
+            metrics={},
+        )
+    leftovers = [p.name for p in served.settings.model_store_path.iterdir() if "partial" in p.name]
+    assert leftovers == []
