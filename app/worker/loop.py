@@ -152,6 +152,7 @@ class Worker:
     async def archive_slot(self, slot_id: int) -> repo.SlotRecord:
         """Take one closed slot from its Redis buffer to `archived` in SQL."""
         self.lease.check()
+        started = time.perf_counter()
         stats = await slot_stats(self.redis, self.keys, slot_id)
         await asyncio.to_thread(
             repo.record_slot_closed,
@@ -161,11 +162,12 @@ class Worker:
             **stats,
         )
         log.info(
-            "slot %d closed: %d events, %d late, %d duplicates",
+            "slot %d closed: %d events, %d late, %d duplicates, recorded in %.0f ms",
             slot_id,
             stats["events"],
             stats["late"],
             stats["duplicates"],
+            _ms_since(started),
         )
 
         started = time.perf_counter()
