@@ -132,6 +132,8 @@ class Worker:
                 failures += 1
                 log.exception("worker pass failed (%d in a row)", failures)
             await sleep_or_stop(stop, backoff_s(failures, self.settings.worker_poll_s))
+        if not stop.is_set():
+            log.warning("worker lease expired unrenewed; waiting to take it again")
 
     # one pass
 
