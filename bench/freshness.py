@@ -117,7 +117,7 @@ def main() -> None:
         write_user_state(bench.client, bench.keys, args.items, args.users)
         bench.publish(1, synthetic_model(args.items, args.users, seed=0))
         port = free_port()
-        server = bench.start_server(port)
+        server = bench.start_server(port, args.workers, threads=1)
         try:
             wait_served(port, 1)
             delays = run_trials(port, args)

@@ -104,8 +104,8 @@ def write_user_state(client: redis.Redis, keys: RedisKeys, n_items: int, n_users
 # raw in-process cost
 
 
-def raw_latency_ms(model: ServingModel, iterations: int) -> dict[str, float]:
-    torch.set_num_threads(1)
+def raw_latency_ms(model: ServingModel, iterations: int, threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
     snapshot = build_snapshot(model, version=1, trained_through_slot=0)
     rng = random.Random(1)
     timings = []
@@ -244,7 +244,7 @@ class Bench:
         finally:
             engine.dispose()
 
-    def start_server(self, port: int) -> subprocess.Popen[bytes]:
+    def start_server(self, port: int, workers: int, threads: int) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "METAREC_REDIS_URL": self.args.redis_url,
@@ -254,9 +254,10 @@ class Bench:
             "METAREC_MODEL_STORE_PATH": str(self.workdir / "models"),
             "METAREC_MODEL_POLL_S": "1.0",
             "METAREC_LOG_LEVEL": "warning",
+            "METAREC_API_TORCH_THREADS": str(threads),
         }
         command = [sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory"]
-        command += ["--port", str(port), "--workers", str(self.args.workers)]
+        command += ["--port", str(port), "--workers", str(workers)]
         command += ["--no-access-log", "--log-level", "warning"]
         return subprocess.Popen(command, env=env, cwd=ROOT)
 
@@ -285,15 +286,16 @@ def free_port() -> int:
 
 def measure_catalogue(bench: Bench, n_items: int) -> dict[str, object]:
     args = bench.args
+    workers, threads = layout(args, n_items)
     model = synthetic_model(n_items, args.users, seed=0)
-    raw = raw_latency_ms(model, args.raw_iterations)
+    raw = raw_latency_ms(model, args.raw_iterations, threads)
     write_user_state(bench.client, bench.keys, n_items, args.users)
     version = n_items  # a fresh version per catalogue: the pointer only moves forward
     bench.publish(version, model)
     del model
 
     port = free_port()
-    server = bench.start_server(port)
+    server = bench.start_server(port, workers, threads)
     try:
         wait_served(port, version)
         warm_paths = requests_for([f"u{n}" for n in range(args.users)])
@@ -308,7 +310,14 @@ def measure_catalogue(bench: Bench, n_items: int) -> dict[str, object]:
         server.terminate()
         server.wait(timeout=30)
     as_dicts = {name: [asdict(run) for run in results] for name, results in runs.items()}
-    return {"items": n_items, "raw": raw, "runs": as_dicts}
+    return {"items": n_items, "workers": workers, "threads": threads, "raw": raw, "runs": as_dicts}
+
+
+def layout(args: argparse.Namespace, n_items: int) -> tuple[int, int]:
+    """(uvicorn processes, torch threads each) for a catalogue of this size."""
+    if args.big_from and n_items >= args.big_from:
+        return args.big_workers, args.big_threads
+    return args.workers, args.threads
 
 
 def measure_swaps(
@@ -350,17 +359,19 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| items | raw score+top-k p50 / p99 | 1 client p50 / p99 | 1 client req/s "
+        "| items | processes x threads | raw score+top-k p50 / p99 | 1 client p50 / p99 "
+        "| 1 client req/s "
         "| 16 clients p50 / p99 | 16 clients req/s | cold start p50 / p99 (1 client) "
         "| during swaps p50 / p99, failed, versions seen |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         raw, runs = result["raw"], result["runs"]
         one, many = median_run(runs["warm_1"]), median_run(runs["warm_16"])
         cold, swaps = median_run(runs["cold_1"]), median_run(runs["swaps_1"])
         lines.append(
-            f"| {result['items']:,} | {raw['p50_ms']:.2f} / {raw['p99_ms']:.2f} ms "
+            f"| {result['items']:,} | {result['workers']} x {result['threads']} "
+            f"| {raw['p50_ms']:.2f} / {raw['p99_ms']:.2f} ms "
             f"| {one['p50_ms']:.2f} / {one['p99_ms']:.2f} ms | {one['per_s']:.0f} "
             f"| {many['p50_ms']:.2f} / {many['p99_ms']:.2f} ms | {many['per_s']:.0f} "
             f"| {cold['p50_ms']:.2f} / {cold['p99_ms']:.2f} ms "
@@ -390,6 +401,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--items", default="10000,100000,1000000")
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--big-from", type=int, default=1_000_000, help="catalogues this large use --big-*"
+    )
+    parser.add_argument("--big-workers", type=int, default=1)
+    parser.add_argument("--big-threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--raw-iterations", type=int, default=200)
@@ -429,7 +446,7 @@ def main() -> None:
         print(f"{n_items:,} items done", file=sys.stderr)
 
     text = (
-        f"Machine: {machine()}; uvicorn --workers {args.workers}; {args.runs} runs of "
+        f"Machine: {machine()}; {args.runs} runs of "
         f"{args.duration_s:.0f} s each, median shown.\n\n" + table(results)
     )
     print(text)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -184,8 +184,12 @@ def choose_user_vector(
     newer_than_ts: float,
     cold_start_max_events: int,
     adapt: Adapter,
+    adapted: "AdaptedVectors | None" = None,
 ) -> tuple[str, torch.Tensor | None]:
-    """The strategy for this user and the vector to score with (None for `popular`)."""
+    """The strategy for this user and the vector to score with (None for `popular`).
+
+    `adapted`, when given, remembers adapted vectors, so a user asking again with the same
+    events is not adapted again."""
     user_row = snapshot.user_rows.get(user_id, -1)
     item_rows = snapshot.item_rows
     known_events = [event for event in recent if event.item_id in item_rows]
@@ -194,14 +198,56 @@ def choose_user_vector(
         newer = [item_rows[e.item_id] for e in known_events if e.ts_s >= newer_than_ts]
         if not newer:
             return PERSONALIZED, snapshot.model.user_matrix[user_row]
-        return PERSONALIZED, adapt_one(snapshot, adapt, newer, user_row)
+        return PERSONALIZED, _adapt(snapshot, adapt, newer, user_row, adapted)
 
     if known_events:
         rows = [item_rows[event.item_id] for event in known_events]
-        return COLD_START, adapt_one(snapshot, adapt, rows, user_row)
+        return COLD_START, _adapt(snapshot, adapt, rows, user_row, adapted)
     if user_row >= 0:
         return COLD_START, snapshot.model.user_matrix[user_row]
     return POPULAR, None
+
+
+def _adapt(
+    snapshot: Snapshot,
+    adapt: Adapter,
+    rows: list[int],
+    base_row: int,
+    adapted: "AdaptedVectors | None",
+) -> torch.Tensor:
+    if adapted is None:
+        return adapt_one(snapshot, adapt, rows, base_row)
+    return adapted.get(snapshot, adapt, rows, base_row)
+
+
+class AdaptedVectors:
+    """The newest adapted user vectors of one snapshot, least recently used dropped first.
+
+    The key is the user's base row and the item rows adapted from, so a new event (or a new
+    snapshot) always means a new adaptation; a repeated request costs one dictionary lookup.
+    """
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.max_entries = max_entries
+        self._snapshot: Snapshot | None = None
+        self._vectors: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
+
+    def get(
+        self, snapshot: Snapshot, adapt: Adapter, rows: list[int], base_row: int
+    ) -> torch.Tensor:
+        if snapshot is not self._snapshot:
+            self._snapshot, self._vectors = snapshot, OrderedDict()
+        key = (base_row, tuple(rows))
+        vector = self._vectors.get(key)
+        if vector is not None:
+            self._vectors.move_to_end(key)
+            return vector
+
+        vector = adapt_one(snapshot, adapt, rows, base_row)
+        self._vectors[key] = vector
+        if len(self._vectors) > self.max_entries:
+            self._vectors.popitem(last=False)
+        return vector
 
 
 def adapt_one(snapshot: Snapshot, adapt: Adapter, rows: list[int], base_row: int) -> torch.Tensor:
@@ -460,6 +506,7 @@ class Recommender:
         self.popularity = popularity
         self.filters = ItemFilters()
         self.batcher = ScoringBatcher()
+        self.adapted = AdaptedVectors()
 
     async def recommend(
         self, client: aioredis.Redis, snapshot: Snapshot | None, query: RecommendQuery
@@ -497,6 +544,7 @@ class Recommender:
             newer_than_ts=float((snapshot.trained_through_slot + 1) * self.slot_seconds),
             cold_start_max_events=self.cold_start_max_events,
             adapt=self.adapt,
+            adapted=self.adapted,
         )
         masked_rows = torch.cat(
             [self.filters.rows(snapshot, "hidden", hidden), rows_of(snapshot, excluded)]

@@ -11,6 +11,7 @@ from app.services.recommend import (
     COLD_START,
     PERSONALIZED,
     POPULAR,
+    AdaptedVectors,
     RecentEvent,
     ScoringBatcher,
     adapt_one,
@@ -258,3 +259,28 @@ def test_batcher_scores_concurrent_requests_together(snapshot: Snapshot) -> None
     assert results[6][1].tolist() == brute_force(
         other.model.item_matrix @ other.model.user_matrix[0], 7, set()
     )
+
+
+def test_adapted_vectors_are_reused_until_the_events_or_the_snapshot_change(
+    snapshot: Snapshot,
+) -> None:
+    calls: list[list[list[int]]] = []
+
+    def counting_adapt(model, item_rows, mask, base_rows):  # type: ignore[no-untyped-def]
+        calls.append(item_rows.tolist())
+        return adapt_users(model, item_rows, mask, base_rows)
+
+    adapted = AdaptedVectors(max_entries=2)
+    first = adapted.get(snapshot, counting_adapt, [4, 5], -1)
+    assert torch.equal(adapted.get(snapshot, counting_adapt, [4, 5], -1), first)
+    assert len(calls) == 1
+    assert torch.allclose(first, adapt_one(snapshot, adapt_users, [4, 5], -1))
+
+    adapted.get(snapshot, counting_adapt, [6, 4, 5], -1)  # a new event: adapted again
+    adapted.get(snapshot, counting_adapt, [4, 5], 3)  # another user: evicts the oldest
+    adapted.get(snapshot, counting_adapt, [4, 5], -1)
+    assert len(calls) == 4
+
+    other = build_snapshot(toy_serving_model(n_items=50, seed=2), version=9, trained_through_slot=0)
+    adapted.get(other, counting_adapt, [4, 5], -1)
+    assert len(calls) == 5
