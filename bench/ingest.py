@@ -29,6 +29,7 @@ import asyncio
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -175,7 +176,7 @@ def _print_run(load: str, run: int, result: RunResult) -> None:
 
 def report(args: argparse.Namespace, results: dict[str, list[RunResult]]) -> str:
     batched, single = median_run(results["batched"]), median_run(results["single"])
-    command = "python bench/ingest.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/ingest.py", *sys.argv[1:]])
     server = args.server or "(not given: pass --server to record how the service was started)"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {_machine()}, client and server on the same "
@@ -211,7 +212,10 @@ def _row(load: str, result: RunResult) -> str:
 
 def _machine() -> str:
     cores = os.cpu_count() or 0
-    return f"{platform.machine()} Linux, {cores} cores, Python {platform.python_version()}"
+    load = (
+        f", 1-minute load {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    )
+    return f"{platform.machine()} Linux, {cores} cores{load}, Python {platform.python_version()}"
 
 
 BEGIN_MARK = "<!-- measured by bench/ingest.py: begin -->"
