@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     popular_recent_events: int = Field(default=5_000, gt=0)
     popular_cache_s: float = Field(default=5.0, gt=0)
 
-    # worker
+    # worker; trainer `none` archives slots and learns nothing from them
+    trainer: Literal["meta", "none"] = "meta"
     worker_poll_s: float = Field(default=1.0, gt=0)
     worker_lease_s: float = Field(default=30.0, gt=0)
     archive_batch_size: int = Field(default=2_000, gt=0)

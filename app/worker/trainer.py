@@ -42,9 +42,14 @@ class NoTrainer:
 
 
 def make_trainer(settings: Settings, engine: sa.Engine) -> SlotTrainer:
-    """The trainer the worker process runs with.
+    """The trainer the worker process runs with: the time-wise meta-update unless turned off."""
+    if settings.trainer == "none":
+        return NoTrainer()
 
-    TODO: return the time-wise meta-update once it is wired to the model store; until then the
-    worker archives slots and trains nothing.
-    """
-    return NoTrainer()
+    import redis
+
+    from app.worker.meta_trainer import MetaTrainer
+
+    if not settings.redis_url:
+        raise ValueError("make_trainer needs settings.redis_url; see app.embedded")
+    return MetaTrainer(settings, engine, redis.Redis.from_url(settings.redis_url))

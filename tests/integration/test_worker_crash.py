@@ -96,6 +96,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
         "METAREC_ARCHIVE_BATCH_SIZE": str(ARCHIVE_BATCH),
         "METAREC_WORKER_LEASE_S": str(LEASE_S),
         "METAREC_WORKER_POLL_S": "0.05",
+        "METAREC_TRAINER": "none",
     }
     return subprocess.Popen(
         [sys.executable, "-m", "app.worker"],
