@@ -80,3 +80,21 @@ def migrated_database_url(database_url: str) -> str:
 
     upgrade_to_head(database_url)
     return database_url
+
+
+@pytest.fixture
+def fresh_database_url(tmp_path: Path) -> Iterator[str]:
+    """A migrated database of this test's own, for tests that need empty tables throughout."""
+    from app.storage.migrate import upgrade_to_head
+
+    if _reachable(POSTGRES_HOST, POSTGRES_PORT):
+        databases = _fresh_postgres_database()
+        url = next(databases)
+        upgrade_to_head(url)
+        yield url
+        next(databases, None)
+        return
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    upgrade_to_head(url)
+    yield url
