@@ -266,13 +266,15 @@ class ImplicitALS(Method):
         self, users: list[str], history: History, regularization: float
     ) -> torch.Tensor:
         from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
 
         matrix, user_rows = history.user_item_matrix()
         model = AlternatingLeastSquares(
             factors=self.factors, regularization=regularization, iterations=self.iterations,
             random_state=self.seed, num_threads=1,
         )  # fmt: skip
-        model.fit(matrix, show_progress=False)
+        with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads fight it
+            model.fit(matrix, show_progress=False)
         scores = RecentPopularity().scores(users, history)
         known = [i for i, user in enumerate(users) if user in user_rows]
         if known:

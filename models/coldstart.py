@@ -8,7 +8,9 @@ A published `ServingModel` carries the meta-learned pieces in `adapt_params`:
   that hold the item bias and the recency features, so only the taste part of a user moves;
 - `adapt_steps` []: how many local steps to take;
 - `warm_prior_events` []: a user the model already trained on `n` events moves by a fraction
-  `prior / (prior + n)` of a new user's step, so long histories are not overwritten by a few clicks.
+  `prior / (prior + n)` of a new user's step, so long histories are not overwritten by a few clicks;
+- `candidate_rows` [M] (optional): on a large catalogue the softmax of the local steps runs over
+  these items (the most popular ones) plus the user's own, so its cost does not grow with it.
 
 Each local step is one gradient step of the softmax loss of the user's events over the whole
 catalogue, computed in closed form (no autograd), for every user of the batch at once.
@@ -37,7 +39,7 @@ def local_update(
     has_events = (n_events > 0).to(items.dtype)  # [B, 1]
 
     # the positive part of the gradient does not change between steps
-    support = items[item_rows.clamp(min=0)]  # [B, K, D]
+    support = items[torch.where(mask, item_rows, 0)]  # [B, K, D]; padding may hold anything
     target = (support * weights.unsqueeze(-1)).sum(1) / n_events.clamp(min=1.0)  # [B, D]
 
     # d/dx of -mean_k log softmax(items @ x)[i_k] is E_p[item] - mean_k item_k
@@ -103,4 +105,12 @@ def adapt_users(
     shrink = prior / (prior + counts)  # [B]; 1 for a new user
     step_size = params["step_size"].to(dtype)[None, :] * shrink[:, None]  # [B, D]
     steps = int(params["adapt_steps"].item())
+
+    # on a large catalogue: the popular candidates plus the users' own items
+    candidates = params.get("candidate_rows")
+    if candidates is not None and candidates.shape[0] < items.shape[0]:
+        own = torch.where(mask, item_rows, 0)  # [B, K]
+        pool = torch.cat([items[candidates.long()], items[own.reshape(-1)]])  # [M + B*K, D]
+        local_rows = candidates.shape[0] + torch.arange(own.numel(), device=device)
+        return local_update(pool, start, local_rows.view_as(own), mask, step_size, steps)
     return local_update(items, start, item_rows, mask, step_size, steps)

@@ -72,22 +72,23 @@ class LearnerConfig:
     full_softmax_items: int = 2048
     negatives: int = 1024
     # meta-update on the query slot
-    meta_lr: float = 0.05
-    meta_steps: int = 5
-    meta_events: int = 2048
+    meta_lr: float = 0.02
+    meta_steps: int = 10
+    meta_events: int = 1024
     # cold start (Meta-SGD)
-    cold_users: int = 256
+    cold_users: int = 128
     cold_max_support: int = 10
     cold_max_query: int = 20
     cold_weight: float = 1.0
     adapt_steps: int = 3
     inner_lr: float = 0.5
     warm_prior_events: float = 20.0
+    adapt_max_items: int = 2048  # beyond this, local steps normalise over the most popular
     # what users touched before is masked in every softmax, as serving masks it
     mask_seen: bool = True
     seen_per_user: int = 1000
     # past events replayed beside each slot (per slot event), from a uniform reservoir
-    replay_ratio: float = 1.0
+    replay_ratio: float = 0.0
     replay_capacity: int = 50_000
     # guardrail
     holdout_share: float = 0.15
@@ -218,19 +219,23 @@ class LearnerState:
         one = torch.ones(1, device=self.device)
         user_init = torch.cat([self.meta["user_init"], one, w_new])
         step_size = torch.cat([self.meta["log_step"].exp(), torch.zeros(1 + r, device=self.device)])
+        popularity = (item_matrix @ user_init).detach()
+        n_candidates = min(self.config.adapt_max_items, popularity.shape[0])
+        candidate_rows = torch.topk(popularity, n_candidates).indices
         return ServingModel(
             item_ids=list(self.items.ids),
             user_ids=list(self.users.ids),
             item_matrix=item_matrix.detach().clone(),
             user_matrix=user_matrix.detach().clone(),
             user_counts=self.user_counts.values.detach().clone(),
-            popularity=(item_matrix @ user_init).detach(),
+            popularity=popularity,
             embedding_dim=d,
             adapt_params={
                 "user_init": user_init.detach().clone(),
                 "step_size": step_size.detach().clone(),
                 "adapt_steps": torch.tensor(float(self.config.adapt_steps)),
                 "warm_prior_events": torch.tensor(self.config.warm_prior_events),
+                "candidate_rows": candidate_rows,
             },
             meta={
                 "slots_seen": self.slots_seen,
@@ -888,17 +893,10 @@ class TimewiseMetaLearner:
         learned step sizes, then score the user's query events (support items masked)."""
         config, r = self.config, int(features.shape[1])
         n_items = int(features.shape[0])
-        item_matrix = torch.cat(
-            [
-                state.item_emb.values[:n_items],
-                state.item_bias.values[:n_items].unsqueeze(1),
-                features,
-            ],
-            dim=1,
-        ).detach()  # [N, D]
 
         # the softmax runs over the catalogue, or over the episodes' items plus negatives
         support, query = episodes.support, episodes.query
+        rows = torch.arange(n_items, device=state.device)
         correction = torch.zeros(n_items, device=state.device)
         if n_items > config.full_softmax_items:
             used = torch.cat([support[episodes.support_mask], query[episodes.query_mask]])
@@ -906,10 +904,19 @@ class TimewiseMetaLearner:
                 used, n_items, config.full_softmax_items, config.negatives, generator
             )
             assert candidates.rows is not None and isinstance(candidates.correction, torch.Tensor)
-            item_matrix, correction = item_matrix[candidates.rows], candidates.correction
-            support = torch.searchsorted(candidates.rows[: used.unique().shape[0]], support)
-            query = torch.searchsorted(candidates.rows[: used.unique().shape[0]], query)
-        items = torch.cat([item_matrix, correction.unsqueeze(1)], dim=1)  # [C, D + 1]
+            rows, correction = candidates.rows, candidates.correction
+            n_used = int(used.unique().shape[0])
+            support = torch.searchsorted(rows[:n_used], support).clamp(max=n_used - 1)
+            query = torch.searchsorted(rows[:n_used], query).clamp(max=n_used - 1)
+        items = torch.cat(
+            [
+                state.item_emb.values[rows],
+                state.item_bias.values[rows].unsqueeze(1),
+                features[rows],
+                correction.unsqueeze(1),
+            ],
+            dim=1,
+        ).detach()  # [C, D + 1]; the last column carries the sampling correction
 
         # the local update, differentiable in the initialisation and the step sizes
         one = torch.ones(1, device=state.device)

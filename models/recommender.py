@@ -99,7 +99,8 @@ def fit_rows(
     items = item_start[0].detach().clone().requires_grad_(True)
     bias = item_start[1].detach().clone().requires_grad_(True)
     anchors = (users.detach().clone(), items.detach().clone())
-    optimizer = torch.optim.Adam([users, items, bias], lr=config.lr)
+    fused = users.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam([users, items, bias], lr=config.lr, fused=fused)
 
     n_events = int(event_user.shape[0])
     for _ in range(config.epochs if epochs is None else epochs):

@@ -6,12 +6,16 @@ slot's users were never seen before.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.batch import SlotBatch
 from models.serving import ServingModel
+
+if TYPE_CHECKING:
+    from models.meta import LearnerConfig, LearnerState
 
 
 @dataclass(frozen=True)
@@ -139,3 +143,71 @@ def toy_serving_model(
         },
         meta={"source": "toy"},
     )
+
+
+def zipf_slot(
+    n_events: int,
+    user_ids: list[str],
+    n_items: int,
+    new_user_share: float,
+    slot_start_s: float,
+    slot_seconds: float,
+    seed: int,
+    new_item_share: float = 0.01,
+) -> SlotBatch:
+    """A slot of `n_events` with Zipf item popularity over `n_items` ids `i{n}` (plus a few new
+    items), users drawn from `user_ids` and a share of new users `n{seed}_{k}`."""
+    rng = np.random.default_rng(seed)
+    n_known = max(int(len(user_ids) * 0.2), 1)
+    n_new = max(int(n_known * new_user_share / max(1.0 - new_user_share, 1e-6)), 1)
+    pool = list(rng.choice(user_ids, size=n_known, replace=False)) if user_ids else []
+    pool += [f"n{seed}_{k}" for k in range(n_new)]
+
+    ranks = np.arange(1, n_items + 1)
+    probs = 1.0 / ranks
+    items = rng.choice(n_items, size=n_events, p=probs / probs.sum())
+    fresh = rng.random(n_events) < new_item_share
+    item_ids = [
+        f"x{seed}_{item % 50}" if is_fresh else f"i{item}"
+        for item, is_fresh in zip(items.tolist(), fresh.tolist(), strict=True)
+    ]
+    ts_s = np.sort(slot_start_s + rng.random(n_events) * slot_seconds)
+    return SlotBatch(
+        user_ids=[pool[k] for k in rng.integers(0, len(pool), n_events).tolist()],
+        item_ids=item_ids,
+        ts_s=ts_s,
+        values=np.ones(n_events, dtype=np.float32),
+    )
+
+
+def seeded_state(
+    config: "LearnerConfig", n_users: int, n_items: int, device: str = "cpu", seed: int = 0
+) -> "LearnerState":
+    """A learner state that already knows `n_users` users and `n_items` items, with random rows,
+    recency counts, seen lists and a full replay reservoir; for benchmarks at a catalogue size
+    no quick replay reaches."""
+    from models.meta import LearnerState
+
+    gen = torch.Generator().manual_seed(seed)
+    d = config.embedding_dim
+    state = LearnerState.empty(config, device)
+    state.users.extend([f"u{n}" for n in range(n_users)])
+    state.items.extend([f"i{n}" for n in range(n_items)])
+    state.user_emb.append(torch.randn(n_users, d, generator=gen) * 0.3)
+    state.user_counts.append(torch.full((n_users,), 10.0))
+    state.item_emb.append(torch.randn(n_items, d, generator=gen) * 0.3)
+    state.item_bias.append(torch.randn(n_items, generator=gen) * 0.1)
+    state.recency.grow(n_items)
+    state.seen.grow(n_users)
+
+    # a history of Zipf-popular events for the counts, the seen lists and the reservoir
+    n_history = max(4 * n_users, 10_000)
+    ranks = torch.arange(1, n_items + 1, dtype=torch.float64)
+    items = torch.multinomial(1.0 / ranks, n_history, replacement=True, generator=gen)
+    users = torch.randint(n_users, (n_history,), generator=gen)
+    ts_s = torch.sort(torch.rand(n_history, generator=gen, dtype=torch.float64) * 1e5)[0]
+    state.recency.advance(items.to(device), ts_s.to(device))
+    state.seen.extend(users.numpy(), items.numpy())
+    state.reservoir.offer(users.to(device), items.to(device), gen)
+    state.slots_seen = 1
+    return state

@@ -91,7 +91,7 @@ class RowTable:
 
 
 class SeenItems:
-    """The item rows each user touched (the most recent `cap` distinct ones), by user row.
+    """The item rows each user touched (the most recent `cap` of them), by user row.
 
     Ranking masks what a user already touched, so training and the guardrail mask it too.
     """
@@ -111,15 +111,14 @@ class SeenItems:
         del self.lists[n_users:]
 
     def extend(self, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
-        """Add events (in time order); a user's list keeps its most recent distinct items."""
+        """Add events (in time order); a user's list keeps its `cap` most recent items."""
         order = np.argsort(user_rows, kind="stable")
         users, starts = np.unique(user_rows[order], return_index=True)
-        for user, chunk in zip(users, np.split(item_rows[order], starts[1:]), strict=True):
-            _, first = np.unique(chunk[::-1], return_index=True)
-            fresh = chunk[::-1][np.sort(first)][::-1]  # distinct, in order of last touch
-            old = self.lists[user]
-            merged = np.concatenate([old[~np.isin(old, fresh)], fresh])
-            self.lists[user] = merged[-self.cap :]
+        # a repeated item may sit twice in a list: masking it twice is harmless and cheaper
+        # than keeping every list distinct
+        for user, chunk in zip(users.tolist(), np.split(item_rows[order], starts[1:]), strict=True):
+            merged = np.concatenate([self.lists[user], chunk])
+            self.lists[user] = merged[-self.cap :] if merged.shape[0] > self.cap else merged
 
     def csr(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(indptr [T+1], items [S]) of the users' lists, in the order of `user_rows`."""
