@@ -153,7 +153,9 @@ class ServingManager:
                 await self.sync()  # anything published before the subscription took effect
                 while not self._stopping:
                     # a message, or poll_s without one: either way, look at the pointer
-                    await pubsub.get_message(timeout=poll_s)
+                    message = await pubsub.get_message(timeout=poll_s)
+                    if message is not None:
+                        self._failed_at.clear()  # news from a publisher: try failed ones again
                     await self.sync()
             except asyncio.CancelledError:
                 raise

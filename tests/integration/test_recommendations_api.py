@@ -358,3 +358,16 @@ async def test_the_pointer_never_moves_back_and_versions_do_not_change_meaning(
         )
     leftovers = [p.name for p in served.settings.model_store_path.iterdir() if "partial" in p.name]
     assert leftovers == []
+
+
+async def test_a_version_announced_before_its_row_loads_once_it_is_published(
+    served: Served,
+) -> None:
+    version = served.version_base + 1
+    served.sync_redis.set(served.keys.model_current, version)  # e.g. a pointer left by a crash
+    served.sync_redis.publish(served.keys.model_channel, str(version))
+    await asyncio.sleep(0.5)
+    assert (await served.http.get("/v1/models/current")).json()["served"] is None
+
+    served.publish(1, toy(seed=10))
+    assert (await served.wait_served(version, timeout_s=3.0))["served"] == version
