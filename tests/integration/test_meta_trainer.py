@@ -45,7 +45,7 @@ def engine(migrated_database_url: str) -> Iterator[sa.Engine]:
 def client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
-    for key in client.scan_iter(f"{redis_prefix}:*"):
+    for key in client.scan_iter(f"{redis_prefix}:*", count=10_000):
         client.delete(key)
     client.close()
 
