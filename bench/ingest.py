@@ -11,6 +11,12 @@ Start a service first, for instance with the real Redis and a throw-away SQLite 
 
     python bench/ingest.py --url http://127.0.0.1:8000 --write-docs
 
+`uvicorn --workers N` shares one listening socket, and a burst of new connections tends to land
+on one process (5 of 64 on one, 59 on the other, measured). With `--spawn N` the benchmark
+instead starts N API processes itself, each on its own SO_REUSEPORT socket at the `--url` port,
+so the kernel spreads connections by address; they read the same METAREC_* variables, and are
+stopped at the end.
+
 Two loads, each run `--runs` times and reported as the median run:
 
 - batched: POSTs of `--batch-size` events from `--batch-concurrency` connections at once;
@@ -30,6 +36,9 @@ import os
 import platform
 import re
 import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -39,7 +48,22 @@ from urllib.parse import urlsplit
 
 import orjson
 
-DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+SPAWN_READY_S = 90.0
+
+# one API process on its own SO_REUSEPORT socket (argv: host, port)
+_SERVE_ONE = """
+import socket, sys, uvicorn
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+config = uvicorn.Config(
+    "app.api.main:create_app", factory=True, access_log=False, log_level="warning"
+)
+uvicorn.Server(config).run(sockets=[sock])
+"""
 SECTION_TITLE = "## Ingestion"
 
 
@@ -178,6 +202,8 @@ def report(args: argparse.Namespace, results: dict[str, list[RunResult]]) -> str
     batched, single = median_run(results["batched"]), median_run(results["single"])
     command = shlex.join(["python", "bench/ingest.py", *sys.argv[1:]])
     server = args.server or "(not given: pass --server to record how the service was started)"
+    if args.spawn:
+        server = f"{args.spawn} uvicorn processes, each on its own SO_REUSEPORT socket (--spawn)"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {_machine()}, client and server on the same "
         "machine. Median of "
@@ -241,6 +267,40 @@ def write_section(text: str, path: Path = DOCS_PATH) -> None:
     path.write_text(f"{document[:cut].rstrip()}\n\n{block}\n{document[cut:]}")
 
 
+def spawn_servers(target: Target, processes: int) -> list[subprocess.Popen[bytes]]:
+    """Start `processes` API processes on the target port and wait until they answer."""
+    if not os.environ.get("METAREC_REDIS_URL"):
+        raise SystemExit("--spawn needs METAREC_REDIS_URL (and METAREC_DATABASE_URL) set")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", _SERVE_ONE, target.host, str(target.port)]
+    servers = [subprocess.Popen(command, cwd=REPO_ROOT, env=env) for _ in range(processes)]
+
+    deadline = time.monotonic() + SPAWN_READY_S
+    while time.monotonic() < deadline:
+        if all(server.poll() is None for server in servers) and _answers(target):
+            time.sleep(2.0)  # the last process may still be starting
+            return servers
+        time.sleep(0.5)
+    stop_servers(servers)
+    raise SystemExit(f"the spawned API did not answer within {SPAWN_READY_S:.0f} s")
+
+
+def _answers(target: Target) -> bool:
+    try:
+        with socket.create_connection((target.host, target.port), timeout=1.0) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            return conn.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def stop_servers(servers: list[subprocess.Popen[bytes]]) -> None:
+    for server in servers:
+        server.send_signal(signal.SIGTERM)
+    for server in servers:
+        server.wait(timeout=30)
+
+
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="base URL of a running metarec API")
@@ -253,6 +313,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--single-events", type=int, default=10_000, help="requests per run")
     parser.add_argument("--server", help="how the service was started, recorded in the docs")
     parser.add_argument(
+        "--spawn", type=int, default=0, help="start this many API processes (SO_REUSEPORT)"
+    )
+    parser.add_argument(
         "--write-docs", action="store_true", help=f"write the figures into {DOCS_PATH.name}"
     )
     return parser.parse_args()
@@ -262,7 +325,11 @@ def main() -> int:
     args = _parse_args()
     url = urlsplit(args.url)
     target = Target(url.hostname or "127.0.0.1", url.port or 80, args.api_key)
-    results = asyncio.run(measure(args, target))
+    servers = spawn_servers(target, args.spawn) if args.spawn else []
+    try:
+        results = asyncio.run(measure(args, target))
+    finally:
+        stop_servers(servers)
     text = report(args, results)
     print()
     print(text)
