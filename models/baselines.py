@@ -240,11 +240,15 @@ class FullRetrain(Method):
 
     name = "full_retrain"
 
-    def __init__(self, config: LearnerConfig, epochs: int = 8) -> None:
+    def __init__(
+        self, config: LearnerConfig, epochs: int = 5, batch_size: int = 1024, negatives: int = 512
+    ) -> None:
         super().__init__()
+        # a sampled softmax keeps a from-scratch fit on the whole history affordable per slot
         self.config = replace(
-            config, use_meta=False, use_recency=False, use_guardrail=False, epochs=epochs
-        )
+            config, use_meta=False, use_recency=False, use_guardrail=False, epochs=epochs,
+            batch_size=batch_size, full_softmax_items=0, negatives=negatives,
+        )  # fmt: skip
 
     def scores(self, users: list[str], history: History) -> torch.Tensor:
         state, _ = TimewiseMetaLearner(self.config).step(None, history.all_events())

@@ -6,6 +6,8 @@ A published `ServingModel` carries the meta-learned pieces in `adapt_params`:
   learned popularity, `model.popularity`);
 - `step_size` [D]: per-dimension step sizes of the local update (Meta-SGD); zero on the columns
   that hold the item bias and the recency features, so only the taste part of a user moves;
+- `support_scale` [D] (optional): before the steps, the start moves by this much of the mean of
+  the user's item rows (a learned, per-dimension prototype step; zero outside the taste part);
 - `adapt_steps` []: how many local steps to take;
 - `warm_prior_events` []: a user the model already trained on `n` events moves by a fraction
   `prior / (prior + n)` of a new user's step, so long histories are not overwritten by a few clicks;
@@ -31,9 +33,11 @@ def local_update(
     mask: torch.Tensor,  # [B, K] True where the event is real
     step_size: torch.Tensor,  # [B, D] or [D] per-dimension step sizes
     adapt_steps: int,
+    support_scale: torch.Tensor | float = 0.0,  # [B, D] or [D] share of the support mean
 ) -> torch.Tensor:
-    """Gradient steps of the mean softmax loss of each user's events; differentiable in
-    `items`, `start` and `step_size`, so the same code serves meta-training."""
+    """A step toward the mean of the user's item rows, then gradient steps of the mean softmax
+    loss of the user's events; differentiable in `items`, `start`, `step_size` and
+    `support_scale`, so the same code serves meta-training."""
     weights = mask.to(items.dtype)  # [B, K]
     n_events = weights.sum(1, keepdim=True)  # [B, 1]
     has_events = (n_events > 0).to(items.dtype)  # [B, 1]
@@ -43,7 +47,7 @@ def local_update(
     target = (support * weights.unsqueeze(-1)).sum(1) / n_events.clamp(min=1.0)  # [B, D]
 
     # d/dx of -mean_k log softmax(items @ x)[i_k] is E_p[item] - mean_k item_k
-    user = start
+    user = start + has_events * support_scale * target
     for _ in range(adapt_steps):
         probs = torch.softmax(user @ items.T, dim=1)  # [B, N]
         grad = probs @ items - target  # [B, D]
@@ -104,6 +108,8 @@ def adapt_users(
     prior = params["warm_prior_events"].to(dtype)
     shrink = prior / (prior + counts)  # [B]; 1 for a new user
     step_size = params["step_size"].to(dtype)[None, :] * shrink[:, None]  # [B, D]
+    support_scale = params.get("support_scale", torch.zeros_like(step_size[0]))
+    support_scale = support_scale.to(dtype)[None, :] * shrink[:, None]  # [B, D]
     steps = int(params["adapt_steps"].item())
 
     # on a large catalogue: the popular candidates plus the users' own items
@@ -112,5 +118,6 @@ def adapt_users(
         own = torch.where(mask, item_rows, 0)  # [B, K]
         pool = torch.cat([items[candidates.long()], items[own.reshape(-1)]])  # [M + B*K, D]
         local_rows = candidates.shape[0] + torch.arange(own.numel(), device=device)
-        return local_update(pool, start, local_rows.view_as(own), mask, step_size, steps)
-    return local_update(items, start, item_rows, mask, step_size, steps)
+        local_rows = local_rows.view_as(own)
+        return local_update(pool, start, local_rows, mask, step_size, steps, support_scale)
+    return local_update(items, start, item_rows, mask, step_size, steps, support_scale)

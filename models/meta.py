@@ -12,8 +12,10 @@ One `step` on slot t (support) does, in order:
    row's events in the slot; it starts as the identity on the candidate.
 4. guardrail: on the time tail of the slot (held out of the candidate's first epochs), the
    transferred rows, plain fine-tuning (the candidate) and the previous rows are compared by
-   softmax loss (seen items masked, all three with the recency that was being served); the best
-   is kept ("previous" keeps the old rows of known ids, new ids still get theirs). An update
+   softmax loss (seen items masked, users weighted alike, all three with the recency that was
+   being served); the better update is kept unless it is clearly worse than the previous rows
+   (by `guardrail_z` standard errors), in which case known ids keep their old rows ("previous";
+   new ids still get theirs). An update
    whose rows are not finite is never published: its rows fall back to the previous ones.
 5. commit: tables grow for new ids, the chosen rows are written back, recency counts advance, and
    (old, candidate) rows are kept as `pending` for step 1 of the next slot.
@@ -82,6 +84,7 @@ class LearnerConfig:
     cold_weight: float = 1.0
     adapt_steps: int = 3
     inner_lr: float = 0.5
+    support_scale_init: float = 1.0  # start at the mean of the support items' embeddings
     warm_prior_events: float = 20.0
     adapt_max_items: int = 2048  # beyond this, local steps normalise over the most popular
     # what users touched before is masked in every softmax, as serving masks it
@@ -94,6 +97,7 @@ class LearnerConfig:
     holdout_share: float = 0.15
     min_holdout_events: int = 20
     guardrail_tolerance: float = 0.0
+    guardrail_z: float = 2.0
 
     @property
     def fit(self) -> FitConfig:
@@ -141,6 +145,7 @@ def initial_meta(config: LearnerConfig, device: str | torch.device) -> dict[str,
         "w_returning": torch.full((r,), 1.0 / r, device=device),
         "user_init": zeros.clone(),
         "log_step": torch.full((d,), math.log(config.inner_lr), device=device),
+        "support_scale": torch.full((d,), config.support_scale_init, device=device),
     }  # fmt: skip
 
 
@@ -218,7 +223,9 @@ class LearnerState:
         user_matrix = torch.cat([self.user_emb.values, ones, w_returning.expand(n_users, r)], dim=1)
         one = torch.ones(1, device=self.device)
         user_init = torch.cat([self.meta["user_init"], one, w_new])
-        step_size = torch.cat([self.meta["log_step"].exp(), torch.zeros(1 + r, device=self.device)])
+        tail = torch.zeros(1 + r, device=self.device)
+        step_size = torch.cat([self.meta["log_step"].exp(), tail])
+        support_scale = torch.cat([self.meta["support_scale"], tail])
         popularity = (item_matrix @ user_init).detach()
         n_candidates = min(self.config.adapt_max_items, popularity.shape[0])
         candidate_rows = torch.topk(popularity, n_candidates).indices
@@ -236,6 +243,7 @@ class LearnerState:
                 "adapt_steps": torch.tensor(float(self.config.adapt_steps)),
                 "warm_prior_events": torch.tensor(self.config.warm_prior_events),
                 "candidate_rows": candidate_rows,
+                "support_scale": support_scale.detach().clone(),
             },
             meta={
                 "slots_seen": self.slots_seen,
@@ -923,10 +931,11 @@ class TimewiseMetaLearner:
         start = torch.cat([params["user_init"], one, params["w_new"][:r], one])
         zeros = torch.zeros(r + 2, device=state.device)
         step_size = torch.cat([params["log_step"].exp(), zeros])
+        support_scale = torch.cat([params["support_scale"], zeros])
         batch = support.shape[0]
         adapted = local_update(
             items, start.expand(batch, -1), support, episodes.support_mask, step_size,
-            config.adapt_steps,
+            config.adapt_steps, support_scale,
         )  # fmt: skip
 
         # query events scored with the support items masked, as the API excludes seen items
@@ -936,7 +945,11 @@ class TimewiseMetaLearner:
         query_mask = episodes.query_mask & ~(hits.gather(1, query) > 0)
         log_probs = F.log_softmax(logits, dim=1).gather(1, query)  # [B, Q]
         log_probs = torch.where(query_mask, log_probs, torch.zeros_like(log_probs))
-        return -log_probs.sum() / query_mask.sum().clamp(min=1)
+
+        # every user counts alike, as in the per-user ranking metrics
+        per_user = query_mask.sum(1)
+        user_loss = -log_probs.sum(1) / per_user.clamp(min=1)
+        return user_loss[per_user > 0].mean() if bool((per_user > 0).any()) else user_loss.sum()
 
     def _guardrail(
         self,
@@ -986,7 +999,7 @@ class TimewiseMetaLearner:
             rows_x: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
             features: torch.Tensor,
             unknown: torch.Tensor,
-        ) -> float:
+        ) -> torch.Tensor:
             user_vecs = torch.where(
                 unknown.unsqueeze(1), meta["user_init"], rows_x[0][hold_event_user]
             )
@@ -1002,19 +1015,31 @@ class TimewiseMetaLearner:
             losses = softmax_nll(
                 user_vecs, emb, bias, offset, candidates.target, candidates.correction
             )
-            return float(losses.mean())
+            return losses  # [H]
 
+        # every user of the tail counts alike, as in the per-user ranking metrics
+        per_user = torch.bincount(hold_event_user)[hold_event_user].to(torch.float64)
+        weights = (1.0 / per_user) / (1.0 / per_user).sum()  # [H]
         with torch.no_grad():
-            nll_previous = nll(old, features_before, unknown_before)
-            nll_finetune = nll(candidate, features_before, unknown_after)
-            nll_meta = nll(transferred, features_before, unknown_after)
-        choice = "meta" if nll_meta <= nll_finetune else "finetune"
-        if nll_previous + config.guardrail_tolerance < min(nll_meta, nll_finetune):
+            losses = {
+                "previous": nll(old, features_before, unknown_before),
+                "finetune": nll(candidate, features_before, unknown_after),
+                "meta": nll(transferred, features_before, unknown_after),
+            }
+        means = {name: float((value * weights).sum()) for name, value in losses.items()}
+        choice = "meta" if means["meta"] <= means["finetune"] else "finetune"
+
+        # the update is refused for known ids only when it is clearly worse: by more than
+        # `guardrail_z` standard errors of the paired (weighted) differences, plus the tolerance
+        diff = (losses[choice] - losses["previous"]).to(torch.float64)
+        mean_diff = float((diff * weights).sum())
+        std_error = float(((diff - mean_diff).pow(2) * weights.pow(2)).sum().sqrt())
+        if mean_diff > config.guardrail_z * std_error + config.guardrail_tolerance:
             choice = "previous"
         metrics = {
             "holdout_events": float(hold_items.shape[0]),
-            "holdout_nll_meta": nll_meta,
-            "holdout_nll_finetune": nll_finetune,
-            "holdout_nll_previous": nll_previous,
+            "holdout_nll_meta": means["meta"],
+            "holdout_nll_finetune": means["finetune"],
+            "holdout_nll_previous": means["previous"],
         }
         return metrics, choice

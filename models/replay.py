@@ -157,6 +157,7 @@ def run_seed(
         ImplicitALS(seed=config.seed),
     ]
     scores = {method.name: MethodScores() for method in methods}
+    seconds = {method.name: 0.0 for method in methods}
     cold: dict[int, dict[str, list[float]]] = {k: {} for k in cold_ks}
     test_slot_ids: list[int] = []
     new_user_share: list[float] = []
@@ -167,13 +168,18 @@ def run_seed(
             targets = history.targets(slot)
             if index < n_warm:
                 for method in methods:
+                    started_s = time.perf_counter()
                     method.warmup(targets, history)
+                    seconds[method.name] += time.perf_counter() - started_s
             elif targets.users:
                 test_slot_ids.append(int(slot.slot_id or index))
                 is_new = np.array([not history.knows_user(u) for u in targets.users])
                 new_user_share.append(float(is_new.mean()))
                 for method in methods:
-                    recall, ndcg = rank_metrics(method.scores(targets.users, history), targets)
+                    started_s = time.perf_counter()
+                    ranked = method.scores(targets.users, history)
+                    seconds[method.name] += time.perf_counter() - started_s
+                    recall, ndcg = rank_metrics(ranked, targets)
                     record = scores[method.name]
                     record.recall.append(float(recall.mean()))
                     record.ndcg.append(float(ndcg.mean()))
@@ -185,7 +191,9 @@ def run_seed(
 
         # then learn slot s
         for method in methods:
+            started_s = time.perf_counter()
             method.learn(slot, history, is_test=index >= n_warm)
+            seconds[method.name] += time.perf_counter() - started_s
         history.add(slot)
         if progress is not None:
             progress.update(1)  # type: ignore[attr-defined]
@@ -193,6 +201,7 @@ def run_seed(
     return {
         "seed": config.seed,
         "test_slots": test_slot_ids,
+        "seconds": seconds,
         "new_user_share": new_user_share,
         "methods": {
             name: {**s.summary(), "per_slot_recall": s.recall, "per_slot_ndcg": s.ndcg}
