@@ -33,7 +33,7 @@ class SimilarItemsOut(BaseModel):
     model_version: int
 
 
-def _manager(request: Request) -> ServingManager:
+async def _manager(request: Request) -> ServingManager:  # async: no worker-thread hop
     manager: ServingManager = request.app.state.serving
     return manager
 
