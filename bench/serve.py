@@ -382,9 +382,10 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def machine() -> str:
+    load_1m = os.getloadavg()[0]
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, load average {load_1m:.1f} at the end"
     )
 
 
