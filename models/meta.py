@@ -141,6 +141,8 @@ def initial_meta(config: LearnerConfig, device: str | torch.device) -> dict[str,
         "keep_user": one.clone(), "gate_user": one.clone(), "gate_count_user": zero.clone(),
         "keep_item": one.clone(), "gate_item": one.clone(), "gate_count_item": zero.clone(),
         "keep_bias": one.clone(), "gate_bias": one.clone(), "gate_count_bias": zero.clone(),
+        # how new and returning users weigh the item bias and (returning) their embedding
+        "bias_new": one.clone(), "bias_returning": one.clone(), "dot_returning": one.clone(),
         "w_new": torch.full((r,), 1.0 / r, device=device),
         "w_returning": torch.full((r,), 1.0 / r, device=device),
         "user_init": zeros.clone(),
@@ -219,10 +221,16 @@ class LearnerState:
         item_matrix = torch.cat(
             [self.item_emb.values, self.item_bias.values.unsqueeze(1), features], dim=1
         )
-        ones = torch.ones(n_users, 1, device=self.device)
-        user_matrix = torch.cat([self.user_emb.values, ones, w_returning.expand(n_users, r)], dim=1)
-        one = torch.ones(1, device=self.device)
-        user_init = torch.cat([self.meta["user_init"], one, w_new])
+        meta = self.meta
+        user_matrix = torch.cat(
+            [
+                meta["dot_returning"] * self.user_emb.values,
+                meta["bias_returning"].expand(n_users, 1),
+                w_returning.expand(n_users, r),
+            ],
+            dim=1,
+        )
+        user_init = torch.cat([meta["user_init"], meta["bias_new"], w_new])
         tail = torch.zeros(1 + r, device=self.device)
         step_size = torch.cat([self.meta["log_step"].exp(), tail])
         support_scale = torch.cat([self.meta["support_scale"], tail])
@@ -604,7 +612,10 @@ class TimewiseMetaLearner:
             state.item_bias.values[touched_items].clone(),
         )
         offset = self._offsets(state.recency_features(), meta)[1]
-        catalogue = Catalogue(state.item_emb.values, state.item_bias.values, offset)
+        catalogue = Catalogue(
+            state.item_emb.values, state.item_bias.values, offset,
+            dot_scale=meta["dot_returning"].item(), bias_scale=meta["bias_returning"].item(),
+        )  # fmt: skip
         split = self._holdout_start(state, rows)
         seen = self._seen_csr(state, touched_users)
         choice, publish = ("meta" if config.use_meta else "finetune"), True
@@ -692,6 +703,16 @@ class TimewiseMetaLearner:
         """The recency term of every item for (new users, returning users)."""
         r = int(features.shape[1])
         return features @ meta["w_new"][:r], features @ meta["w_returning"][:r]
+
+    def _item_terms(
+        self, features: torch.Tensor, bias: torch.Tensor, meta: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bias plus recency of every item, as (new users, returning users) weigh them."""
+        recency_new, recency_returning = self._offsets(features, meta)
+        return (
+            meta["bias_new"] * bias + recency_new,
+            meta["bias_returning"] * bias + recency_returning,
+        )
 
     def _combine(
         self,
@@ -871,6 +892,7 @@ class TimewiseMetaLearner:
         # users: their transferred row when returning, the learned initialisation when new
         safe_users = torch.where(is_new, torch.zeros_like(users), users)
         known_vecs = _with_rows(table_users, safe_users, user_rows, users_t)  # [B, d]
+        known_vecs = params["dot_returning"] * known_vecs
         user_vecs = torch.where(is_new.unsqueeze(1), params["user_init"], known_vecs)
 
         # items: candidates of the softmax with their transferred rows and recency terms
@@ -879,14 +901,15 @@ class TimewiseMetaLearner:
             rows_c = torch.arange(features.shape[0], device=state.device)
         emb = _with_rows(table_items, rows_c, item_rows, items_t)  # [C, d]
         bias = _with_rows(table_bias, rows_c, item_rows, bias_t)  # [C]
-        offset_new, offset_returning = self._offsets(features[rows_c], params)
-        offset = torch.where(is_new.unsqueeze(1), offset_new, offset_returning)  # [B, C]
+        term_new, term_returning = self._item_terms(features[rows_c], bias, params)
+        offset = torch.where(is_new.unsqueeze(1), term_new, term_returning)  # [B, C]
         if query.seen is not None:
             mask = seen_mask(
                 query.seen, query.seen_index, query.items, candidates.rows, features.shape[0]
             )
             offset = offset.masked_fill(mask, -math.inf)
-        nll = softmax_nll(user_vecs, emb, bias, offset, candidates.target, candidates.correction)
+        no_bias = torch.zeros_like(bias)  # the bias is inside the item terms
+        nll = softmax_nll(user_vecs, emb, no_bias, offset, candidates.target, candidates.correction)
         return (nll * query.weights).sum()
 
     def cold_loss(
@@ -928,7 +951,7 @@ class TimewiseMetaLearner:
 
         # the local update, differentiable in the initialisation and the step sizes
         one = torch.ones(1, device=state.device)
-        start = torch.cat([params["user_init"], one, params["w_new"][:r], one])
+        start = torch.cat([params["user_init"], params["bias_new"], params["w_new"][:r], one])
         zeros = torch.zeros(r + 2, device=state.device)
         step_size = torch.cat([params["log_step"].exp(), zeros])
         support_scale = torch.cat([params["support_scale"], zeros])
@@ -1000,21 +1023,21 @@ class TimewiseMetaLearner:
             features: torch.Tensor,
             unknown: torch.Tensor,
         ) -> torch.Tensor:
-            user_vecs = torch.where(
-                unknown.unsqueeze(1), meta["user_init"], rows_x[0][hold_event_user]
-            )
+            known_vecs = meta["dot_returning"] * rows_x[0][hold_event_user]
+            user_vecs = torch.where(unknown.unsqueeze(1), meta["user_init"], known_vecs)
             rows_c = candidates.rows
             if rows_c is None:
                 rows_c = torch.arange(n_items, device=state.device)
             emb = _with_rows(state.item_emb.values, rows_c, touched[1], rows_x[1])
             bias = _with_rows(state.item_bias.values, rows_c, touched[1], rows_x[2])
-            offset_new, offset_returning = self._offsets(features[rows_c], meta)
-            offset = torch.where(unknown.unsqueeze(1), offset_new, offset_returning)
+            term_new, term_returning = self._item_terms(features[rows_c], bias, meta)
+            offset = torch.where(unknown.unsqueeze(1), term_new, term_returning)
             if mask is not None:
                 offset = offset.masked_fill(mask, -math.inf)
             losses = softmax_nll(
-                user_vecs, emb, bias, offset, candidates.target, candidates.correction
-            )
+                user_vecs, emb, torch.zeros_like(bias), offset, candidates.target,
+                candidates.correction,
+            )  # fmt: skip
             return losses  # [H]
 
         # every user of the tail counts alike, as in the per-user ranking metrics

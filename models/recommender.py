@@ -34,6 +34,8 @@ class Catalogue:
     item_emb: torch.Tensor  # [N, d]
     item_bias: torch.Tensor  # [N]
     item_offset: torch.Tensor  # [N]
+    dot_scale: float = 1.0  # score = dot_scale * u.v + bias_scale * b + offset, as served
+    bias_scale: float = 1.0
 
     @property
     def n_items(self) -> int:
@@ -137,7 +139,11 @@ def _batch_loss(
     if catalogue.n_items <= config.full_softmax_items:
         emb = catalogue.item_emb.index_copy(0, item_rows, items)  # [N, d]
         item_bias = catalogue.item_bias.index_copy(0, item_rows, bias)  # [N]
-        logits = user_vecs @ emb.T + item_bias + catalogue.item_offset  # [B, N]
+        logits = (
+            catalogue.dot_scale * user_vecs @ emb.T
+            + catalogue.bias_scale * item_bias
+            + catalogue.item_offset
+        )  # [B, N]
         target = item_rows[batch_item]
         candidate_rows = None
     else:
@@ -153,7 +159,12 @@ def _batch_loss(
         emb = torch.cat([items[local_pos], catalogue.item_emb[negatives]])  # [C, d]
         item_bias = torch.cat([bias[local_pos], catalogue.item_bias[negatives]])  # [C]
         offset = catalogue.item_offset[candidates.rows]  # [C]
-        logits = user_vecs @ emb.T + item_bias + offset + candidates.correction  # [B, C]
+        logits = (
+            catalogue.dot_scale * user_vecs @ emb.T
+            + catalogue.bias_scale * item_bias
+            + offset
+            + candidates.correction
+        )  # [B, C]
         target = candidates.target
         candidate_rows = candidates.rows
 

@@ -218,7 +218,10 @@ def test_serving_model_folds_recency_into_the_matrices(stream: list[SlotBatch]) 
     d, r = CONFIG.embedding_dim, CONFIG.n_recency
     assert model.item_matrix.shape == (len(state.items), d + 1 + r)
     assert model.user_matrix.shape == (len(state.users), d + 1 + r)
-    torch.testing.assert_close(model.user_matrix[:, d], torch.ones(len(state.users)))
+    bias_weight = state.meta["bias_returning"].expand(len(state.users))
+    torch.testing.assert_close(model.user_matrix[:, d], bias_weight)
+    dot = state.meta["dot_returning"] * state.user_emb.values
+    torch.testing.assert_close(model.user_matrix[:, :d], dot)
     torch.testing.assert_close(model.item_matrix[:, d], state.item_bias.values)
     torch.testing.assert_close(
         model.popularity, model.item_matrix @ model.adapt_params["user_init"]
