@@ -70,8 +70,8 @@ def _select_one(engine: sa.Engine) -> None:
 
 
 def _check_serving(serving: object) -> str:
-    # TODO: a None serving state means the serving layer is not wired in yet; treat it as ready
-    # until it always exists, then require a loaded model or the popularity fallback
-    if serving is None or getattr(serving, "ready", False):
+    # ready once the serving manager has looked at the model pointer: a version is loaded, or
+    # there is none yet and answers come from the popularity fallback
+    if getattr(serving, "ready", False):
         return "ok"
     return "no model and no popularity fallback loaded yet"
