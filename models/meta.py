@@ -60,7 +60,7 @@ ADAM_BETAS = (0.9, 0.999)
 class LearnerConfig:
     slot_seconds: float = 3600.0
     embedding_dim: int = 64
-    half_lives_slots: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)
+    half_lives_slots: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     use_recency: bool = True
     use_meta: bool = True
     use_guardrail: bool = True

@@ -97,7 +97,7 @@ def test_rank_metrics_by_hand() -> None:
 
 def test_replay_runs_end_to_end_and_writes_its_outputs(tmp_path: Path) -> None:
     path = tmp_path / "stream.tsv"
-    spec = StreamSpec(n_slots=6, n_items=150, users_per_slot=50, events_per_user=5.0, seed=2)
+    spec = StreamSpec(n_slots=5, n_items=120, users_per_slot=40, events_per_user=5.0, seed=2)
     _write_stream(path, spec)
     out = tmp_path / "out"
     code = main(
