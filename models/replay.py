@@ -284,7 +284,7 @@ def _plot(results: list[dict[str, object]], path: Path) -> None:
     axes[0].legend(fontsize=8, ncol=2)
     axes[0].set_title(f"test-then-train replay, mean over seeds {[r['seed'] for r in results]}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
 
 
