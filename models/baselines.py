@@ -273,11 +273,12 @@ class ImplicitALS(Method):
         from threadpoolctl import threadpool_limits
 
         matrix, user_rows = history.user_item_matrix()
-        model = AlternatingLeastSquares(
-            factors=self.factors, regularization=regularization, iterations=self.iterations,
-            random_state=self.seed, num_threads=1,
-        )  # fmt: skip
-        with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads fight it
+        # one thread for implicit and none extra for BLAS under it: the cores are shared
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=self.factors, regularization=regularization, iterations=self.iterations,
+                random_state=self.seed, num_threads=1,
+            )  # fmt: skip
             model.fit(matrix, show_progress=False)
         scores = RecentPopularity().scores(users, history)
         known = [i for i, user in enumerate(users) if user in user_rows]
