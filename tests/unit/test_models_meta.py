@@ -267,3 +267,41 @@ def test_a_state_from_another_configuration_is_refused(
         other.step(state, stream[1])
     with pytest.raises(IncompatibleState):
         LearnerState.load(tmp_path / "missing")
+
+
+def test_an_update_that_is_not_finite_is_not_published(
+    stream: list[SlotBatch], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.meta
+
+    state = _run(CONFIG, stream[:2])
+    before = state.user_emb.values.clone()
+
+    def diverged(*args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        users, items = args[1], args[2]
+        assert isinstance(users, torch.Tensor) and isinstance(items, torch.Tensor)
+        n_items = items.shape[0]
+        nan = math.nan
+        return (
+            torch.full_like(users, nan),
+            torch.full((n_items, users.shape[1]), nan),
+            torch.full((n_items,), nan),
+        )
+
+    monkeypatch.setattr(models.meta, "fit_rows", diverged)
+    state, report = TimewiseMetaLearner(CONFIG).step(state, stream[2])
+    assert not report.publish
+    assert (
+        torch.isfinite(state.user_emb.values).all() and torch.isfinite(state.item_emb.values).all()
+    )
+    torch.testing.assert_close(state.user_emb.values[: before.shape[0]], before)
+
+
+def test_replayed_past_events_join_the_fit(stream: list[SlotBatch]) -> None:
+    config = replace(CONFIG, replay_ratio=1.0, replay_capacity=300)
+    state = _run(config, stream[:3])
+    assert len(state.reservoir) == 300
+    state, _ = TimewiseMetaLearner(config).step(state, stream[3])
+    slot_users = set(state.users.lookup(stream[3].user_ids).tolist())
+    fitted_users = set(state.pending["user_rows"].tolist())
+    assert fitted_users > slot_users  # rows of replayed users were refitted too
