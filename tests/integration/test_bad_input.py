@@ -9,19 +9,13 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
-from tests.integration.ingest_support import redis_under, running_app, snapshot
+from tests.integration.ingest_support import running_app, snapshot
 
 pytestmark = pytest.mark.integration
 
 MAX_BODY_BYTES = 1_000_000
 JSON = {"content-type": "application/json"}
 GOOD = {"user_id": "u1", "item_id": "i1", "timestamp": 1_000_000.0}
-
-
-@pytest.fixture
-def store(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    with redis_under(redis_url, redis_prefix) as client:
-        yield client
 
 
 @pytest.fixture

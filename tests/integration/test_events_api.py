@@ -4,7 +4,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -26,7 +25,7 @@ from app.ingestion.validation import Event
 from app.ingestion.writer import EventWriter, write_events
 from app.keys import RedisKeys
 from app.settings import Settings
-from tests.integration.ingest_support import redis_under, running_app
+from tests.integration.ingest_support import running_app
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +44,6 @@ def settings(redis_url: str, migrated_database_url: str, redis_prefix: str) -> S
         allowed_lateness_s=LATENESS_S,
         recent_events_per_user=3,
     )
-
-
-@pytest.fixture
-def store(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    with redis_under(redis_url, redis_prefix) as client:
-        yield client
-
-
-@pytest.fixture
-def client(settings: Settings, store: redis.Redis) -> Iterator[TestClient]:
-    with running_app(settings) as (test_client, _):
-        yield test_client
 
 
 def post(client: TestClient, events: list[dict[str, Any]], **headers: str) -> Any:

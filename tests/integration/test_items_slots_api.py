@@ -2,7 +2,6 @@
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from app.settings import Settings
 from app.storage.db import make_engine
 from app.storage.migrate import upgrade_to_head
 from app.worker import Worker
-from tests.integration.ingest_support import redis_under, running_app
+from tests.integration.ingest_support import running_app
 from tests.integration.worker_support import SlotRange
 
 pytestmark = pytest.mark.integration
@@ -45,18 +44,6 @@ def settings(
         slot_seconds=SLOT_S,
         allowed_lateness_s=0.0,
     )
-
-
-@pytest.fixture
-def store(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    with redis_under(redis_url, redis_prefix) as client:
-        yield client
-
-
-@pytest.fixture
-def client(settings: Settings, store: redis.Redis) -> Iterator[TestClient]:
-    with running_app(settings) as (test_client, _):
-        yield test_client
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from app.storage.migrate import upgrade_to_head
 from app.worker import NoTrainer, TrainOutcome, Worker
 from app.worker.archive import archive_stream, drop_buffer
 from app.worker.lease import LeaseLost, RedisLease
-from tests.integration.ingest_support import redis_under
 from tests.integration.worker_support import (
     SlotRange,
     count_in_slots,
@@ -48,19 +47,6 @@ def settings(redis_url: str, migrated_database_url: str, redis_prefix: str) -> S
         worker_poll_s=0.05,
         worker_lease_s=3.0,
     )
-
-
-@pytest.fixture
-def store(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    with redis_under(redis_url, redis_prefix) as client:
-        yield client
-
-
-@pytest.fixture
-def engine(migrated_database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(migrated_database_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,7 @@ import sqlalchemy as sa
 
 from app.keys import RedisKeys
 from app.settings import Settings
-from app.storage.db import make_engine
-from tests.integration.ingest_support import redis_under, running_app
+from tests.integration.ingest_support import running_app
 from tests.integration.worker_support import (
     SlotRange,
     count_in_slots,
@@ -54,19 +52,6 @@ def settings(redis_url: str, migrated_database_url: str, redis_prefix: str) -> S
         slot_seconds=SLOT_S,
         allowed_lateness_s=0.0,
     )
-
-
-@pytest.fixture
-def store(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    with redis_under(redis_url, redis_prefix) as client:
-        yield client
-
-
-@pytest.fixture
-def engine(migrated_database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(migrated_database_url)
-    yield engine
-    engine.dispose()
 
 
 def _batches(slot_range: SlotRange, user_prefix: str) -> list[list[dict[str, object]]]:
