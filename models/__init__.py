@@ -27,7 +27,9 @@ handed in is advanced in place and returned, so save it first when the previous 
 Ids never seen before are not errors: they get new rows. Every published model folds the learned
 pieces into its matrices: item_matrix = [item embedding | bias | recency features], a known user's
 row = [scaled embedding | bias weight | recency weights], `adapt_params["user_init"]` the same for a
-user with no events (its scores are `model.popularity`). The learner files
+new user (where its local update starts), `adapt_params["no_event_init"]` for a new user with no
+events (its scores are `model.popularity`): `user_init` or a single recency column, whichever ranked
+the recent slots' new users best (`models.selection`). The learner files
 (`learner.safetensors`, `learner.json`) never clash with the serving files in the same directory.
 `python -m models.replay FILE` (also `metarec replay FILE`) replays a log through the same calls.
 """

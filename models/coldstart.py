@@ -2,8 +2,9 @@
 
 A published `ServingModel` carries the meta-learned pieces in `adapt_params`:
 
-- `user_init` [D]: the vector of a user the model has never seen (its scores are the model's
-  learned popularity, `model.popularity`);
+- `user_init` [D]: where the local update of a user the model has never seen starts;
+- `no_event_init` [D] (optional): the vector of a user the model has never seen and who has no
+  events yet (its scores are `model.popularity`); `user_init` when absent;
 - `step_size` [D]: per-dimension step sizes of the local update (Meta-SGD); zero on the columns
   that hold the item bias and the recency features, so only the taste part of a user moves;
 - `support_scale` [D] (optional): before the steps, the start moves by this much of the mean of
@@ -87,7 +88,7 @@ def adapt_users(
     """User vectors [B, D] to score with `model.item_matrix @ vector`.
 
     A user with no events keeps its starting point: its own row when the model knows it,
-    `user_init` (learned popularity) when it does not.
+    `no_event_init` (else `user_init`) when it does not.
     """
     _check_inputs(model, item_rows, mask, base_rows)
     items = model.item_matrix
@@ -103,6 +104,10 @@ def adapt_users(
         safe_rows = base_rows.clamp(min=0)
         start = torch.where(known[:, None], model.user_matrix[safe_rows].to(dtype), start)
         counts = torch.where(known, model.user_counts[safe_rows].to(dtype), counts)
+    if "no_event_init" in params:
+        no_events = ~known & ~mask.any(1)
+        no_event = params["no_event_init"].to(dtype).expand_as(start)
+        start = torch.where(no_events[:, None], no_event, start)
 
     # warm users move less the more events they were trained on
     prior = params["warm_prior_events"].to(dtype)

@@ -2,6 +2,9 @@
 
 One `step` on slot t (support) does, in order:
 
+0. selection: the vectors that could answer users with no events (the learned new-user vector and
+   each recency column alone), as served, are ranked on slot t's new users; the running best by
+   NDCG@20 is what the next model serves them (`models.selection`).
 1. meta-update: slot t is the query of the update made on slot t-1. The transfer that combined the
    old rows with slot t-1's candidate, the recency weights of new and returning users, and the
    cold-start parameters (user initialisation, per-dimension step sizes) take first-order gradient
@@ -47,6 +50,7 @@ from models.recommender import (
     seen_mask,
     softmax_nll,
 )
+from models.selection import best_candidate, empty_stats, fold, slot_metrics
 from models.serving import ServingModel
 from models.tables import IdIndex, Reservoir, RowTable, SeenItems
 
@@ -98,6 +102,9 @@ class LearnerConfig:
     min_holdout_events: int = 20
     guardrail_tolerance: float = 0.0
     guardrail_z: float = 2.0
+    # users with no events: the running best of the learned vector and each recency column
+    select_no_event: bool = True
+    select_decay: float = 0.9
 
     @property
     def fit(self) -> FitConfig:
@@ -176,6 +183,8 @@ class LearnerState:
     meta_opt: dict[str, torch.Tensor]  # Adam moments of the meta-parameters and "step"
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     slots_seen: int = 0
+    # running ranking scores of the no-event candidates (models.selection)
+    selection: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, config: LearnerConfig, device: str | torch.device) -> "LearnerState":
@@ -234,9 +243,11 @@ class LearnerState:
         tail = torch.zeros(1 + r, device=self.device)
         step_size = torch.cat([self.meta["log_step"].exp(), tail])
         support_scale = torch.cat([self.meta["support_scale"], tail])
-        popularity = (item_matrix @ user_init).detach()
-        n_candidates = min(self.config.adapt_max_items, popularity.shape[0])
-        candidate_rows = torch.topk(popularity, n_candidates).indices
+        learned = (item_matrix @ user_init).detach()
+        n_candidates = min(self.config.adapt_max_items, learned.shape[0])
+        candidate_rows = torch.topk(learned, n_candidates).indices
+        no_event = self.no_event_vector(user_init)
+        popularity = (item_matrix @ no_event).detach()
         return ServingModel(
             item_ids=list(self.items.ids),
             user_ids=list(self.users.ids),
@@ -252,13 +263,41 @@ class LearnerState:
                 "warm_prior_events": torch.tensor(self.config.warm_prior_events),
                 "candidate_rows": candidate_rows,
                 "support_scale": support_scale.detach().clone(),
+                "no_event_init": no_event.detach().clone(),
             },
             meta={
                 "slots_seen": self.slots_seen,
+                "no_event_source": self.no_event_source(),
                 "clock_ts_s": self.recency.clock_ts_s,
                 "recency_columns": _recency_columns(self.config),
             },
         )
+
+    def no_event_vector(self, user_init: torch.Tensor) -> torch.Tensor:
+        """The served vector of a user with no events: `user_init`, or one recency column."""
+        best = best_candidate(self.selection)
+        if best == 0:
+            return user_init
+        vector = torch.zeros_like(user_init)
+        vector[self.config.embedding_dim + best] = 1.0  # after [embedding | bias]
+        return vector
+
+    def no_event_source(self) -> str:
+        best = best_candidate(self.selection)
+        return "learned" if best == 0 else _recency_columns(self.config)[best - 1]
+
+    def no_event_candidates(self, n_items: int) -> torch.Tensor:
+        """[n_items, 1 + R] scores of the first items: the learned vector's, each recency
+        column's."""
+        features = self.recency_features()[:n_items]
+        r = int(features.shape[1])
+        meta = self.meta
+        learned = (
+            self.item_emb.values[:n_items] @ meta["user_init"]
+            + meta["bias_new"] * self.item_bias.values[:n_items]
+            + features @ meta["w_new"][:r]
+        )
+        return torch.cat([learned.unsqueeze(1), features], dim=1)
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
@@ -275,6 +314,7 @@ class LearnerState:
             ("meta.", self.meta),
             ("opt.", self.meta_opt),
             ("pending.", self.pending),
+            ("select.", self.selection),
         ):
             tensors.update({prefix + name: value for name, value in group.items()})
         seen_indptr, seen_items = self.seen.to_arrays()
@@ -338,6 +378,7 @@ class LearnerState:
             meta_opt=group("opt."),
             pending=group("pending."),
             slots_seen=int(header["slots_seen"]),
+            selection=group("select."),
         )
         state.check()
         return state
@@ -589,6 +630,9 @@ class TimewiseMetaLearner:
         meta = {name: value.detach().clone() for name, value in state.meta.items()}
         opt = {name: value.detach().clone() for name, value in state.meta_opt.items()}
 
+        # 0. the no-event candidates, as they were served, ranked on the slot's new users
+        selection = self._select_no_event(state, rows, metrics)
+
         # 1. this slot is the query of the previous update: meta-parameters learn from it
         started_s = time.perf_counter()
         if config.use_meta and state.slots_seen > 0:
@@ -660,9 +704,30 @@ class TimewiseMetaLearner:
             chosen, publish = old, False
         self._commit(state, rows, (touched_users, touched_items), old, candidate, chosen, counts)
         state.reservoir.offer(rows.user_rows, rows.item_rows, generator)
-        state.meta, state.meta_opt = meta, opt
+        state.meta, state.meta_opt, state.selection = meta, opt, selection
         metrics["published"] = float(publish)
         return UpdateReport(metrics=metrics, publish=publish, choice=choice)
+
+    def _select_no_event(
+        self, state: LearnerState, rows: SlotRows, metrics: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        """The running scores after this slot's new users (unchanged when there are none)."""
+        config = self.config
+        if not config.select_no_event or state.slots_seen == 0 or rows.n_items_before == 0:
+            return state.selection
+        is_new = rows.user_rows >= rows.n_users_before
+        if not bool(is_new.any()):
+            return state.selection
+        with torch.no_grad():
+            scores = state.no_event_candidates(rows.n_items_before)
+            ndcg, recall, n_users = slot_metrics(
+                scores, rows.user_rows[is_new], rows.item_rows[is_new]
+            )
+        stats = state.selection or empty_stats(int(scores.shape[1]), state.device)
+        metrics["no_event_users"] = float(n_users)
+        metrics["no_event_ndcg_learned"] = float(ndcg[0])
+        metrics["no_event_ndcg_best_recency"] = float(ndcg[1:].max()) if ndcg.shape[0] > 1 else 0.0
+        return fold(stats, ndcg, recall, n_users, config.select_decay)
 
     def _seen_csr(
         self,

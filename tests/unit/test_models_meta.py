@@ -202,7 +202,7 @@ def test_state_survives_a_save_load_round_trip(stream: list[SlotBatch], tmp_path
     for name in ("user_emb", "user_counts", "item_emb", "item_bias"):
         torch.testing.assert_close(getattr(loaded, name).values, getattr(state, name).values)
     torch.testing.assert_close(loaded.recency.counts, state.recency.counts)
-    for group in ("meta", "meta_opt", "pending"):
+    for group in ("meta", "meta_opt", "pending", "selection"):
         assert getattr(loaded, group).keys() == getattr(state, group).keys()
 
     # resuming from the checkpoint gives exactly the update the live state gives
@@ -223,9 +223,12 @@ def test_serving_model_folds_recency_into_the_matrices(stream: list[SlotBatch]) 
     dot = state.meta["dot_returning"] * state.user_emb.values
     torch.testing.assert_close(model.user_matrix[:, :d], dot)
     torch.testing.assert_close(model.item_matrix[:, d], state.item_bias.values)
-    torch.testing.assert_close(
-        model.popularity, model.item_matrix @ model.adapt_params["user_init"]
-    )
+    no_event = model.adapt_params["no_event_init"]
+    torch.testing.assert_close(model.popularity, model.item_matrix @ no_event)
+    # users with no events get the learned vector or one recency column, whichever ranked best
+    learned = torch.equal(no_event, model.adapt_params["user_init"])
+    one_hot = bool((no_event[d + 1 :] == 1).sum() == 1 and (no_event != 0).sum() == 1)
+    assert learned or one_hot
 
 
 def _slot(values: list[float], users: list[str] | None = None) -> SlotBatch:
