@@ -449,6 +449,14 @@ def get_model_version(bind: Bind, version: int) -> ModelVersionRecord | None:
     return None if row is None else _model_version_record(row)
 
 
+def get_model_version_for_slot(bind: Bind, slot_id: int) -> ModelVersionRecord | None:
+    """The version trained through `slot_id`, if one is registered (at most one can be)."""
+    query = sa.select(model_versions).where(model_versions.c.trained_through_slot == slot_id)
+    with _transaction(bind) as conn:
+        row = conn.execute(query).first()
+    return None if row is None else _model_version_record(row)
+
+
 def list_model_versions(
     bind: Bind, *, limit: int = 100, before_version: int | None = None
 ) -> list[ModelVersionRecord]:

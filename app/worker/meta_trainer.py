@@ -26,7 +26,6 @@ from app.keys import RedisKeys
 from app.services import model_store
 from app.settings import Settings
 from app.storage import repo
-from app.storage.tables import model_versions
 from app.worker.trainer import TrainOutcome
 from models.batch import SlotBatch
 from models.errors import EmptySlot
@@ -60,7 +59,7 @@ class MetaTrainer:
         self._state_version: int | None = None
 
     def train(self, slot_id: int) -> TrainOutcome | None:
-        registered = self._registered_for(slot_id)
+        registered = repo.get_model_version_for_slot(self.engine, slot_id)
         if registered is not None:
             model_store.advance_pointer(self.client, self.keys, registered.version)
             return TrainOutcome(registered.version)
@@ -130,14 +129,6 @@ class MetaTrainer:
         if self._state is not None and self._state_version == newest.version:
             return self._state
         return LearnerState.load(Path(newest.path) / CHECKPOINT_DIR, self.device)
-
-    def _registered_for(self, slot_id: int) -> repo.ModelVersionRecord | None:
-        query = sa.select(sa.func.max(model_versions.c.version)).where(
-            model_versions.c.trained_through_slot == slot_id
-        )
-        with self.engine.connect() as conn:
-            version = conn.execute(query).scalar_one_or_none()
-        return None if version is None else repo.get_model_version(self.engine, int(version))
 
     def _newest_version(self) -> repo.ModelVersionRecord | None:
         newest = repo.list_model_versions(self.engine, limit=1)

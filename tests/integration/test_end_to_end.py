@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import redis
 
+from tests.integration.server_support import free_port, wait_until_up
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,21 +34,13 @@ class Stack:
     processes: dict[str, subprocess.Popen[bytes]]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def stack(
     redis_url: str, fresh_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[Stack]:
     if not ML100K.is_file():
         pytest.skip(f"MovieLens 100K is not at {ML100K}; the end-to-end replay needs it")
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("METAREC_")},
         "METAREC_REDIS_URL": redis_url,
@@ -73,7 +67,7 @@ def stack(
         base_url=f"http://127.0.0.1:{port}", timeout=30.0, headers={"X-API-Key": WRITE_KEY}
     )
     try:
-        _wait_for(lambda: _healthy(http), 60.0, "the API to answer /healthz")
+        wait_until_up(str(http.base_url).rstrip("/"), processes["api"], timeout_s=60.0)
         yield Stack(http, processes)
     finally:
         http.close()
@@ -85,13 +79,6 @@ def stack(
         for key in client.scan_iter(f"{redis_prefix}:*", count=1000):
             client.delete(key)
         client.close()
-
-
-def _healthy(http: httpx.Client) -> bool:
-    try:
-        return http.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

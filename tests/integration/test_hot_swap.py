@@ -2,7 +2,6 @@
 published one after another; no request may fail and the served version must advance."""
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,12 @@ from app.keys import RedisKeys
 from app.services.model_store import publish_version
 from app.storage.db import make_engine
 from models.synthetic import toy_serving_model
+from tests.integration.server_support import free_port, wait_until_up
 
 pytestmark = pytest.mark.integration
 
 N_VERSIONS = 24
 DRIVERS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -44,7 +38,7 @@ class Server:
 def server(
     redis_url: str, migrated_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "METAREC_REDIS_URL": redis_url,
@@ -60,7 +54,7 @@ def server(
     process = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[2])
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_up(base_url, process)
+        wait_until_up(base_url, process, timeout_s=30.0)
         yield Server(base_url, env, process)
     finally:
         process.terminate()
@@ -69,19 +63,6 @@ def server(
         for key in client.scan_iter(match=f"{redis_prefix}:*", count=1000):
             client.delete(key)
         client.close()
-
-
-def _wait_up(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("uvicorn did not answer /healthz in time")
 
 
 @dataclass

@@ -6,7 +6,6 @@ HTTP, waits for the worker to archive a closed slot, then stops it all with SIGI
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,33 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.server_support import free_port, wait_until_up
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_until_up(base_url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "metarec serve exited while starting"
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"metarec serve did not answer within {START_TIMEOUT_S:.0f} s")
-
-
 def test_serve_runs_api_worker_redis_and_sqlite_then_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     data_dir = tmp_path / "var"
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAREC_")}
@@ -58,7 +40,7 @@ def test_serve_runs_api_worker_redis_and_sqlite_then_stops_on_ctrl_c(tmp_path: P
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        _wait_until_up(base_url, process)
+        wait_until_up(base_url, process, START_TIMEOUT_S)
         events = [
             {"user_id": "alice", "item_id": "m1", "timestamp": 1_700_000_000},
             {"user_id": "bob", "item_id": "m2", "timestamp": 1_700_000_030},
